@@ -1,0 +1,180 @@
+"""Unit tests of the shared infrastructure in socokit."""
+import argparse
+import os
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from socokit import checkpoint, config, fileio, images, proposal_store as ps, training
+from socokit.distributed import shard_from_env
+
+
+# ---------------------------------------------------------------- images
+def _save(img, path, **kw):
+    img.save(path, **kw)
+    return str(path)
+
+
+def test_load_rgb_converts_every_mode(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    cases = {
+        "rgb.png": Image.fromarray(rgb),
+        "gray.png": Image.fromarray(rgb[..., 0], "L"),
+        "rgba.png": Image.fromarray(np.dstack([rgb, np.full((20, 30), 128, np.uint8)]), "RGBA"),
+        "pal.png": Image.fromarray(rgb).convert("P"),
+        "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"),
+        "g16.png": Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)),
+    }
+    for name, img in cases.items():
+        out = images.load_rgb_array(_save(img, tmp_path / name))
+        assert out.shape == (20, 30, 3) and out.dtype == np.uint8, name
+    g16 = images.load_rgb_array(str(tmp_path / "g16.png"))
+    np.testing.assert_array_equal(g16[..., 0], rgb[..., 0])  # 16-bit scaled back to 8-bit
+
+
+def test_load_rgb_applies_exif_rotation(tmp_path):
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise for display
+    path = _save(img, tmp_path / "rot.jpg", exif=exif.tobytes())
+    assert images.load_rgb_array(path).shape == (40, 20, 3)
+    assert images.image_size(path) == (40, 20)
+
+
+@pytest.mark.parametrize("content,reason", [
+    (b"", "empty"), (b"this is not an image", "not an image"),
+])
+def test_load_rgb_rejects_bad_files(tmp_path, content, reason):
+    path = tmp_path / "bad.jpg"
+    path.write_bytes(content)
+    with pytest.raises(images.ImageError) as e:
+        images.load_rgb(str(path))
+    assert reason in e.value.reason and str(path) in str(e.value)
+
+
+def test_load_rgb_rejects_truncated_jpeg(tmp_path):
+    arr = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    good = _save(Image.fromarray(arr), tmp_path / "good.jpg", quality=90)
+    data = open(good, "rb").read()
+    bad = tmp_path / "trunc.jpg"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(images.ImageError):
+        images.load_rgb(str(bad))
+
+
+def test_find_images_recursive_sorted(tmp_path):
+    for p in ["b/x.JPEG", "a/y.png", "a/.hidden.png", "a/z.txt", "top.jpg"]:
+        (tmp_path / p).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / p).write_bytes(b"x")
+    assert images.find_images(str(tmp_path)) == ["a/y.png", "b/x.JPEG", "top.jpg"]
+    with pytest.raises(SystemExit):
+        images.find_images(str(tmp_path / "missing"))
+
+
+# ---------------------------------------------------------------- proposal store
+def test_store_round_trip_and_pickle(tmp_path):
+    paths = ["c1/a.JPEG", "c1/b.JPEG", "c2/é.JPEG"]
+    sizes = [(10, 20), (30, 40), (5, 6)]
+    boxes = [np.array([[0, 0, 9, 9], [1, 2, 3, 4]]), np.zeros((0, 4)), np.array([[2, 2, 4, 4]])]
+    store = ps.write_store(str(tmp_path / "s.proposals"), paths, sizes, boxes, {"backend": "soco"})
+    assert len(store) == 3 and store.num_boxes == 3
+    assert store.meta["num_images_without_boxes"] == 1 and store.meta["backend"] == "soco"
+    for i in range(3):
+        assert store.path(i) == paths[i] and store.size(i) == sizes[i]
+        np.testing.assert_array_equal(store.boxes(i), np.asarray(boxes[i]).reshape(-1, 4))
+    clone = pickle.loads(pickle.dumps(store))
+    assert clone.path(2) == paths[2] and clone.find("c1/b.JPEG") == 1
+    assert len(pickle.dumps(store)) < 500  # only the path travels to workers
+
+
+def test_store_writer_abort_leaves_nothing(tmp_path):
+    target = tmp_path / "s.proposals"
+    with pytest.raises(RuntimeError):
+        with ps.ProposalStoreWriter(str(target), {}) as w:
+            w.add("a.jpg", (4, 4), [[0, 0, 1, 1]])
+            raise RuntimeError("boom")
+    assert not target.exists() and os.listdir(tmp_path) == []
+
+
+def test_store_rejects_non_store(tmp_path):
+    with pytest.raises(ps.StoreError):
+        ps.ProposalStore.open(str(tmp_path))
+
+
+def test_xywh_conversion_round_trip():
+    xywh = np.array([[3, 4, 10, 20], [0, 0, 31, 32]])
+    xyxy = ps.xywh_to_xyxy_inclusive(xywh)
+    np.testing.assert_array_equal(xyxy, [[3, 4, 12, 23], [0, 0, 30, 31]])
+    np.testing.assert_array_equal(ps.xyxy_inclusive_to_xywh(xyxy), xywh)
+
+
+# ---------------------------------------------------------------- fileio / checkpoint
+def test_atomic_write_keeps_old_file_on_error(tmp_path):
+    path = tmp_path / "f.json"
+    fileio.atomic_save_json({"a": 1}, str(path))
+    with pytest.raises(ValueError):
+        with fileio.atomic_write(str(path), "w") as f:
+            f.write("partial")
+            raise ValueError
+    assert path.read_text().strip().startswith("{") and len(os.listdir(tmp_path)) == 1
+
+
+def test_safe_torch_load_errors(tmp_path):
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint at all")
+    fileio.atomic_torch_save({"w": torch.ones(3)}, str(tmp_path / "ok.pth"))
+    data = (tmp_path / "ok.pth").read_bytes()
+    (tmp_path / "trunc.pth").write_bytes(data[: len(data) // 2])
+    torch.save({"ns": argparse.Namespace(a=1)}, str(tmp_path / "unsafe.pth"))
+    for name in ["missing.pth", "empty.pth", "junk.pth", "trunc.pth", "unsafe.pth"]:
+        with pytest.raises(fileio.CheckpointError, match=name):
+            fileio.safe_torch_load(str(tmp_path / name))
+    assert torch.equal(fileio.safe_torch_load(str(tmp_path / "ok.pth"))["w"], torch.ones(3))
+
+
+def test_checkpoint_current_and_rng_round_trip(tmp_path):
+    training.seed_everything(3)
+    state = checkpoint.capture_rng_state()
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    checkpoint.save_checkpoint({"rng": state, "epoch": 1}, str(tmp_path), "ckpt_0001.pth")
+    checkpoint.save_checkpoint({"rng": state, "epoch": 2}, str(tmp_path), "ckpt_0002.pth")
+    loaded = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(str(tmp_path)))
+    assert loaded["epoch"] == 2
+    checkpoint.restore_rng_state(loaded["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_check_finite_raises_with_report():
+    training.check_finite(torch.tensor(1.0), step=3, lr=0.1, dist=False)
+    with pytest.raises(training.NonFiniteLossError, match="step 7.*lr=0.5"):
+        training.check_finite(torch.tensor(float("nan")), step=7, lr=0.5, scale=1024.0, dist=False)
+
+
+# ---------------------------------------------------------------- config / distributed
+def test_config_yaml_defaults_and_overrides(tmp_path):
+    p = argparse.ArgumentParser()
+    config.add_config_argument(p)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--data", required=True)
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text("batch-size: 8\nlr: 0.5\ndata: /x\n")
+    ns = config.parse_args_with_config(p, ["--config", str(cfg), "--lr", "0.2"])
+    assert (ns.batch_size, ns.lr, ns.data) == (8, 0.2, "/x")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("nope: 1\n")
+    with pytest.raises(SystemExit, match="nope"):
+        config.parse_args_with_config(p, ["--config", str(bad)])
+
+
+def test_shard_from_env(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert shard_from_env() == (1, 3)
+    monkeypatch.setenv("RANK", "5")
+    with pytest.raises(SystemExit):
+        shard_from_env()
