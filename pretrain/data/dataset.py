@@ -1,0 +1,152 @@
+"""The pretraining dataset: images + proposal store -> multi-view, box-aware samples.
+
+Randomness: each ``__getitem__`` draws a fresh seed from NumPy's global stream and builds one
+``numpy.random.Generator`` that drives everything in the sample (crops, selection, jitter,
+padding, flips, colour, cutout, replacement of unreadable images). NumPy's global stream is
+seeded per DataLoader worker by torch (>= 1.9) and by ``socokit.training.seed_worker``, so
+workers, ranks and epochs get distinct streams and a fixed seed reproduces a run. torch's global
+RNG is not used here.
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from pretrain.data.pipelines import SET_PAIRS, SET_VIEWS, PipelineConfig, make_geometry, make_tensors
+from socokit.images import ImageError, load_rgb
+from socokit.log import get_logger
+from socokit.proposal_store import ProposalStore
+
+ARCHS = ("SoCo_FPN", "SoCo_FPN_Star", "SoCo_C4", "BYOL")
+AUGS = ("ImageAsymBboxAwareMultiJitter1", "ImageAsymBboxAwareMultiJitter1Cutout",
+        "ImageAsymBboxAwareMulti3ResizeExtraJitter1", "ImageAsymBboxCutout", "BYOL")
+#: The aug of the released scripts for each arch (FPN: the 400-epoch recipe).
+DEFAULT_AUG = {"SoCo_FPN": "ImageAsymBboxAwareMultiJitter1",
+               "SoCo_FPN_Star": "ImageAsymBboxAwareMulti3ResizeExtraJitter1",
+               "SoCo_C4": "ImageAsymBboxCutout", "BYOL": "BYOL"}
+#: aug -> (layout, views that get the in-box cutout)
+AUG_LAYOUT = {"ImageAsymBboxAwareMultiJitter1": ("fpn", ()),
+              "ImageAsymBboxAwareMultiJitter1Cutout": ("fpn", (1, 2)),
+              "ImageAsymBboxAwareMulti3ResizeExtraJitter1": ("fpn_star", ()),
+              "ImageAsymBboxCutout": ("c4", (1,)),
+              "BYOL": ("byol", ())}
+ARCH_LAYOUT = {"SoCo_FPN": "fpn", "SoCo_FPN_Star": "fpn_star", "SoCo_C4": "c4", "BYOL": "byol"}
+
+_log = get_logger("pretrain.data")
+
+
+class ViewPair(NamedTuple):
+    """One pair of views the loss uses (symmetrically).
+
+    ``view_*`` index ``item["views"]``, ``boxes_*`` index ``item["boxes"]`` and ``corres``
+    indexes ``item["corres"]``: its rows index box set ``boxes_a`` (level-major for FPN) and its
+    columns box set ``boxes_b``. For BYOL ``boxes_a``, ``boxes_b`` and ``corres`` are None.
+    """
+
+    view_a: int
+    boxes_a: int | None
+    view_b: int
+    boxes_b: int | None
+    corres: int | None
+
+
+class UnreadableImagesError(RuntimeError):
+    """Too many consecutive unreadable images while producing one sample."""
+
+
+def view_pairs_for(layout: str) -> list[ViewPair]:
+    """The :class:`ViewPair` list of a layout (see ``pretrain.data`` docstring)."""
+    if layout == "byol":
+        return [ViewPair(0, None, 1, None, None)]
+    views = SET_VIEWS[layout]
+    return [ViewPair(views[a], a, views[b], b, i) for i, (a, b) in enumerate(SET_PAIRS[layout])]
+
+
+class PretrainDataset(Dataset):
+    """Multi-view samples for SoCo / BYOL pretraining (build it with ``build_pretrain_dataset``).
+
+    Attributes:
+        arch, aug: the recipe names.
+        config: the :class:`~pretrain.data.pipelines.PipelineConfig`.
+        view_sizes: output size of each view.
+        box_set_views: for each box set, the view it belongs to.
+        view_pairs: list of :class:`ViewPair`.
+        num_levels: P, the FPN levels in a correspondence vector (1 for C4, 0 for BYOL).
+        colour_aug: set to False to skip the colour pipelines (tests, visualisation).
+    """
+
+    def __init__(self, image_root: str, store: ProposalStore | None, config: PipelineConfig, *,
+                 arch: str, aug: str, max_replace_tries: int = 10, paths: list[str] | None = None):
+        self.image_root = os.fspath(image_root)
+        self.store = store
+        self._paths = paths
+        self.config = config
+        self.arch, self.aug = arch, aug
+        self.max_replace_tries = max_replace_tries
+        self.view_sizes = list(config.view_sizes)
+        self.box_set_views = list(SET_VIEWS[config.layout])
+        self.view_pairs = view_pairs_for(config.layout)
+        self.num_levels = {"c4": 1, "byol": 0}.get(config.layout, config.num_levels)
+        self.colour_aug = True
+        self._warned: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.store) if self.store is not None else len(self._paths)
+
+    def image_path(self, index: int) -> str:
+        rel = self.store.path(index) if self.store is not None else self._paths[index]
+        return os.path.join(self.image_root, rel)
+
+    def load(self, index: int):
+        """(PIL RGB image, int [K, 4] proposals in the loaded image's frame). Raises ImageError."""
+        path = self.image_path(index)
+        img = load_rgb(path)
+        if self.store is None:
+            return img, np.zeros((0, 4), dtype=np.int64)
+        boxes = self.store.boxes(index).astype(np.int64)
+        store_h, store_w = self.store.size(index)
+        if (store_h, store_w) != (img.height, img.width):
+            # The store was built from a different rendition of the file: rescale the boxes.
+            self._warn_once(path, f"size {img.height}x{img.width} differs from the proposal store's "
+                                  f"{store_h}x{store_w}; proposals rescaled")
+            scale = np.array([img.width / store_w, img.height / store_h] * 2)
+            boxes = np.floor(boxes * scale).astype(np.int64)
+        return img, boxes
+
+    def _warn_once(self, path: str, reason: str) -> None:
+        if path not in self._warned:
+            self._warned.add(path)
+            _log.warning("%s: %s", path, reason)
+
+    def sample(self, img, proposals_xyxy: np.ndarray, rng: np.random.Generator) -> dict:
+        """Views, boxes and correspondences of one image (no loading, no replacement)."""
+        geometry = make_geometry(img, proposals_xyxy, rng, self.config)
+        views = make_tensors(geometry, rng, self.config, colour=self.colour_aug)
+        return {"views": views,
+                "boxes": [torch.from_numpy(b) for b in geometry.boxes],
+                "corres": [torch.from_numpy(c) for c in geometry.corres]}
+
+    def __getitem__(self, index: int) -> dict:
+        rng = np.random.default_rng(np.random.randint(0, 2**32, size=4, dtype=np.uint64))
+        current, failures, reasons = int(index), 0, []
+        while True:
+            try:
+                img, proposals = self.load(current)
+                break
+            except ImageError as e:
+                self._warn_once(e.path, f"unreadable image, replaced by another sample ({e.reason})")
+                failures += 1
+                reasons.append(f"{e.path}: {e.reason}")
+                if failures >= self.max_replace_tries:
+                    raise UnreadableImagesError(
+                        f"{failures} consecutive unreadable images while loading sample {index} "
+                        f"(image root {self.image_root!r}); last: {reasons[-3:]}") from e
+                current = int(rng.integers(0, len(self)))
+        item = self.sample(img, proposals, rng)
+        item["index"] = current
+        item["num_replaced"] = failures
+        return item
