@@ -69,9 +69,12 @@ def safe_torch_load(path: str, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path}: refused by weights_only loading (it holds objects other than tensors and "
-            f"plain containers): {str(e).splitlines()[0]}") from e
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
+            raise CheckpointError(
+                f"{path}: refused by weights_only loading (it holds objects other than tensors and "
+                f"plain containers): {first}") from e
+        raise CheckpointError(f"{path}: not a torch checkpoint (unpickling failed: {first})") from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {msg}") from e
