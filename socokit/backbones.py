@@ -152,7 +152,8 @@ def build_fpn_backbone(arch: str = "resnet50", norm_layer: NormLayer = nn.BatchN
         fpn_norm: BN (``norm_layer``) on the FPN's lateral and output convs.
     """
     if is_timm(arch):
-        body = _timm_model(arch, norm_layer, features_only=True, out_indices=(1, 2, 3, 4))
+        # The last four feature levels (strides 4..32 for ResNets, ConvNeXts, MobileNets ...).
+        body = _timm_model(arch, norm_layer, features_only=True, out_indices=(-4, -3, -2, -1))
         in_channels = list(body.feature_info.channels())
     else:
         net = _tv_resnet(arch, norm_layer)
@@ -169,7 +170,10 @@ def build_c4_backbone(arch: str = "resnet50", norm_layer: NormLayer = nn.BatchNo
                       zero_init_residual: bool = True) -> C4Backbone:
     """ResNet conv1 … layer3 (C4, stride 16) for C4 detectors and SoCo_C4."""
     if is_timm(arch):
-        body = _timm_model(arch, norm_layer, features_only=True, out_indices=(3,))
+        body = _timm_model(arch, norm_layer, features_only=True, out_indices=(-2,))
+        if body.feature_info.reduction()[-1] != 16:
+            raise ValueError(f"{arch}: the C4 layout needs a stride-16 level as the second-to-last feature "
+                             f"level, got stride {body.feature_info.reduction()[-1]}")
         out_channels = body.feature_info.channels()[-1]
     else:
         net = _tv_resnet(arch, norm_layer)
@@ -183,6 +187,8 @@ def build_res5_head(arch: str = "resnet50", norm_layer: NormLayer = nn.BatchNorm
                     zero_init_residual: bool = True) -> Res5Head:
     """The ResNet's layer4 as a RoI head (``.res5``), for C4 detectors and SoCo_C4."""
     net = _timm_model(arch, norm_layer) if is_timm(arch) else _tv_resnet(arch, norm_layer)
+    if not hasattr(net, "layer4"):
+        raise ValueError(f"{arch}: the C4 res5 head needs a ResNet-style model with a 'layer4' stage")
     res5 = net.layer4
     last = res5[-1]
     out_channels = last.conv3.out_channels if hasattr(last, "conv3") else last.conv2.out_channels
