@@ -94,6 +94,10 @@ class ProposalStore:
                 if os.path.getsize(os.path.join(p, "paths.bin")) else np.zeros(0, np.uint8)
         except (OSError, ValueError) as e:
             raise StoreError(f"{p}: incomplete or corrupt proposal store: {e}") from e
+        # Plain ndarray views of the maps: same pages, but indexing skips np.memmap's
+        # per-access subclass overhead (about 3x faster per item).
+        self._boxes, self._offsets, self._sizes, self._path_offsets, self._paths = (
+            a.view(np.ndarray) for a in (self._boxes, self._offsets, self._sizes, self._path_offsets, self._paths))
         n = len(self._sizes)
         if len(self._offsets) != n + 1 or len(self._path_offsets) != n + 1 or \
                 (n and int(self._offsets[-1]) != len(self._boxes)):

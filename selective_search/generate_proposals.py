@@ -1,0 +1,361 @@
+"""Generate selective-search proposals for a folder of images into a proposal store.
+
+Examples::
+
+    # one machine, 16 processes, then the released filter + post step
+    python selective_search/generate_proposals.py --image-root data/imagenet/train \\
+        --output proposals/train.proposals --workers 16 --filter ratio3size0308post
+
+    # 64 shards on many machines (or torchrun: RANK / WORLD_SIZE), a shared work folder
+    python selective_search/generate_proposals.py --image-root /data/imagenet/train \\
+        --output /shared/train.proposals --num-shards 64 --shard-id 7 --workers 32
+    python selective_search/generate_proposals.py --output /shared/train.proposals --merge
+
+The image list is cut into chunks of ``--chunk-size`` images; each finished chunk is one
+file written atomically in ``--work-dir`` (see :mod:`selective_search.sharding`), so a killed
+run resumes where it stopped and the merged store is identical however the work was split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import concurrent.futures as cf
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from selective_search import backends, sharding
+from selective_search.cli_help import DefaultsHelpFormatter
+from socokit.config import add_config_argument, parse_args_with_config
+from socokit.distributed import shard_from_env
+from socokit.fileio import check_writable_dir
+from socokit.images import IMAGE_EXTENSIONS, ImageError, find_images, load_rgb_array
+from socokit.log import get_logger, setup_logging
+
+_WORKER_CFG: dict = {}  # set once per process by _init_worker
+BACKEND_FLAGS = ("scale", "sigma", "min_size", "base_k", "inc_k", "k")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=DefaultsHelpFormatter)
+    add_config_argument(p)
+    io = p.add_argument_group("input / output")
+    io.add_argument("--image-root", help="image folder, searched recursively (ImageNet train/ "
+                    "layout or any tree); store paths are relative to it. Required unless --merge")
+    io.add_argument("--coco-json", help="take the image list from this COCO annotation file "
+                    "('images[*].file_name', relative to --image-root) instead of a folder scan")
+    io.add_argument("--output", required=True, help="proposal store folder to create "
+                    "(conventionally NAME.proposals)")
+    io.add_argument("--overwrite", action="store_true",
+                    help="replace an existing store at --output")
+    alg = p.add_argument_group("selective search")
+    alg.add_argument("--backend", default="soco", choices=sorted(backends.BACKENDS),
+                     help="'soco' reproduces the original release (quirks included); "
+                          "'opencv-*' are OpenCV ximgproc strategies (different, faster boxes)")
+    alg.add_argument("--scale", type=float, default=None,
+                     help="soco: Felzenszwalb scale (default: 300 as the release)")
+    alg.add_argument("--sigma", type=float, default=None,
+                     help="Felzenszwalb Gaussian sigma (default: the backend's, 0.9 for soco, "
+                          "0.8 for opencv-*)")
+    alg.add_argument("--min-size", type=int, default=None,
+                     help="soco: Felzenszwalb minimum segment size in pixels (default: 100)")
+    alg.add_argument("--base-k", type=int, default=None,
+                     help="opencv-fast/-quality: first Felzenszwalb k (default: OpenCV's 150)")
+    alg.add_argument("--inc-k", type=int, default=None,
+                     help="opencv-fast/-quality: k increment between strategies (default: 150)")
+    alg.add_argument("--k", type=int, default=None,
+                     help="opencv-single: Felzenszwalb k (default: OpenCV's 200)")
+    alg.add_argument("--max-side", type=int, default=None,
+                     help="downscale images whose longer side exceeds this before the search "
+                          "(boxes are mapped back to the original frame); off = full resolution "
+                          "as the original")
+    run = p.add_argument_group("parallelism, sharding, resume")
+    run.add_argument("--workers", type=int, default=1, help="processes on this machine")
+    run.add_argument("--num-shards", type=int, default=None,
+                     help="total shards (default: torchrun's WORLD_SIZE, else 1)")
+    run.add_argument("--shard-id", type=int, default=None,
+                     help="this process's shard in 0..num-shards-1 "
+                          "(default: torchrun's RANK, else 0)")
+    run.add_argument("--work-dir", default=None,
+                     help="folder for chunk files, shared by all shards (default: OUTPUT.work)")
+    run.add_argument("--chunk-size", type=int, default=256,
+                     help="images per chunk file: the unit of resume (a kill loses at most the "
+                          "chunks in progress)")
+    run.add_argument("--merge", action="store_true",
+                     help="only merge the finished chunks of --work-dir into --output")
+    run.add_argument("--no-merge", action="store_true",
+                     help="never merge automatically "
+                          "(by default shard 0 merges once all chunks exist)")
+    run.add_argument("--wait-for-shards", type=float, default=0.0,
+                     help="seconds shard 0 waits for other shards' chunks before merging")
+    run.add_argument("--keep-work-dir", action="store_true",
+                     help="keep the chunk files after a successful merge")
+    post = p.add_argument_group("optional filtering (same as filter_proposals.py)")
+    post.add_argument("--filter", default=None, metavar="STRATEGY",
+                      help="after the merge, also write a filtered store, e.g. ratio3size0308post "
+                           "(the released setting: filter + post step)")
+    post.add_argument("--filter-output", default=None,
+                      help="filtered store folder "
+                           "(default: OUTPUT with _STRATEGY before .proposals)")
+    return p
+
+
+def _init_worker(cfg: dict) -> None:
+    """Per-process setup: one thread per process (the parallelism is across images)."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    _WORKER_CFG.clear()
+    _WORKER_CFG.update(cfg)
+
+
+def propose_one(relpath: str) -> tuple:
+    """Loads one image and runs the backend; never raises for bad input.
+
+    Returns:
+        ``((h, w), boxes_xyxy int32 [K, 4], None)``, or ``(None, None, reason)`` when the
+        image cannot be decoded or the search fails on it.
+    """
+    cfg = _WORKER_CFG
+    path = os.path.join(cfg["image_root"], relpath)
+    try:
+        image = load_rgb_array(path)  # [H, W, 3] uint8, display orientation
+    except ImageError as e:
+        return None, None, e.reason
+    except (OSError, MemoryError, ValueError) as e:
+        return None, None, f"cannot load image ({type(e).__name__}: {e})"
+    try:
+        boxes_xyxy = backends.run_backend(image, backend=cfg["backend"], max_side=cfg["max_side"],
+                                          **cfg["params"])
+    except MemoryError:
+        return None, None, f"out of memory in selective search ({image.shape[1]}x{image.shape[0]})"
+    except Exception as e:  # a long run must survive any single image
+        return None, None, f"selective search failed ({type(e).__name__}: {e})"
+    boxes_xyxy = np.ascontiguousarray(np.asarray(boxes_xyxy, dtype=np.int32).reshape(-1, 4))
+    return (int(image.shape[0]), int(image.shape[1])), boxes_xyxy, None
+
+
+def ordered_results(relpaths: list[str], cfg: dict, workers: int):
+    """Yields ``propose_one`` results in input order, using ``workers`` processes.
+
+    A bounded window of in-flight tasks keeps memory flat for millions of images.
+    """
+    if workers <= 1:
+        _init_worker(cfg)
+        for p in relpaths:
+            yield propose_one(p)
+        return
+    window = collections.deque()
+    with cf.ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(cfg,)) as pool:
+        it = iter(relpaths)
+        for p in it:
+            window.append((p, pool.submit(propose_one, p)))
+            if len(window) >= 4 * workers:
+                break
+        while window:
+            p, fut = window.popleft()
+            try:
+                result = fut.result()
+            except cf.process.BrokenProcessPool as e:
+                raise SystemExit(f"error: a worker process died while processing {p} (out of "
+                                 "memory?); finished chunks are kept, rerun to resume") from e
+            nxt = next(it, None)
+            if nxt is not None:
+                window.append((nxt, pool.submit(propose_one, nxt)))
+            yield result
+
+
+def list_images(args) -> list[str]:
+    """The sorted relative image paths of the job (folder scan or COCO json)."""
+    if args.coco_json:
+        try:
+            with open(args.coco_json) as f:
+                coco = json.load(f)
+            names = {im["file_name"] for im in coco["images"]}
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise SystemExit(f"error: {args.coco_json}: not a readable COCO annotation file "
+                             f"({type(e).__name__}: {e})") from e
+        relpaths = sorted(n.replace(os.sep, "/") for n in names)
+        if not relpaths:
+            raise SystemExit(f"error: {args.coco_json} lists no images")
+        return relpaths
+    relpaths = find_images(args.image_root)
+    if not relpaths:
+        raise SystemExit(f"error: no images found under {args.image_root!r} "
+                         f"(searched recursively for {', '.join(IMAGE_EXTENSIONS)})")
+    return relpaths
+
+
+def resolve_backend_params(args) -> dict:
+    """The backend's defaults updated with the flags the user gave (error if not applicable)."""
+    params = dict(backends.default_params(args.backend))
+    for name in BACKEND_FLAGS:
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if name not in params:
+            flags = ", ".join("--" + p.replace("_", "-") for p in params)
+            raise SystemExit(f"error: backend {args.backend!r} has no parameter "
+                             f"--{name.replace('_', '-')} (it takes: {flags})")
+        params[name] = value
+    return params
+
+
+def resolve_shard(args) -> tuple[int, int]:
+    if (args.num_shards is None) != (args.shard_id is None):
+        raise SystemExit("error: give both --num-shards and --shard-id, or neither")
+    if args.num_shards is None:
+        return shard_from_env()
+    if args.num_shards < 1 or not 0 <= args.shard_id < args.num_shards:
+        raise SystemExit(f"error: --shard-id {args.shard_id} is outside 0..{args.num_shards - 1}")
+    return args.shard_id, args.num_shards
+
+
+def filtered_output_path(output: str, strategy: str) -> str:
+    base = output.rstrip("/")
+    stem = base[: -len(".proposals")] if base.endswith(".proposals") else base
+    return f"{stem}_{strategy}.proposals"
+
+
+def check_outputs(args) -> None:
+    """Fails before any work if an output exists (without --overwrite) or is not writable."""
+    outs = [args.output] + ([args.filter_output] if args.filter else [])
+    for out in outs:
+        if os.path.exists(out) and not args.overwrite:
+            raise SystemExit(f"error: {out} already exists; pass --overwrite to replace it")
+        check_writable_dir(os.path.dirname(os.path.abspath(out)))
+    if not args.merge:  # a merge only reads the work folder (and deletes it at the end)
+        check_writable_dir(args.work_dir)
+
+
+def run_shard(relpaths: list[str], cfg: dict, chunk_size: int, work_dir: str, shard_id: int,
+              num_shards: int, workers: int, log) -> dict:
+    """Processes this shard's unfinished chunks; returns counts for the summary."""
+    total_chunks = sharding.num_chunks(len(relpaths), chunk_size)
+    mine = sharding.shard_chunks(total_chunks, shard_id, num_shards)
+    todo_set = set(sharding.missing_chunks(work_dir, total_chunks))
+    todo = [k for k in mine if k in todo_set]
+    slices = [sharding.chunk_slice(k, len(relpaths), chunk_size) for k in todo]
+    todo_paths = [p for s in slices for p in relpaths[s]]
+    log.info(f"shard {shard_id}/{num_shards}: {len(mine)} chunks, {len(mine) - len(todo)} already "
+             f"done, {len(todo_paths)} images to process with {workers} worker(s)")
+    stats = {"images": 0, "boxes": 0, "without_boxes": 0, "unreadable": []}
+    results_iter = ordered_results(todo_paths, cfg, workers)
+    with tqdm(total=len(todo_paths), unit="img", desc=f"shard {shard_id}", smoothing=0.05,
+              dynamic_ncols=True) as bar:
+        for k, s in zip(todo, slices):
+            chunk_paths = relpaths[s]
+            results = []
+            for relpath, res in zip(chunk_paths, results_iter):
+                results.append(res)
+                stats["images"] += 1
+                if res[0] is None:
+                    stats["unreadable"].append({"path": relpath, "reason": res[2]})
+                else:
+                    stats["boxes"] += len(res[1])
+                    stats["without_boxes"] += len(res[1]) == 0
+                bar.update(1)
+            sharding.write_chunk(sharding.chunk_path(work_dir, k), chunk_paths, results)
+            bar.set_postfix(boxes=stats["boxes"], unreadable=len(stats["unreadable"]))
+    return stats
+
+
+def log_summary(log, title: str, images: int, boxes: int, without_boxes: int,
+                unreadable: list[dict]) -> None:
+    log.info(f"{title}: {images} images, {boxes} boxes ({boxes / max(images, 1):.1f} per image), "
+             f"{without_boxes} images without boxes, {len(unreadable)} unreadable images")
+    for item in unreadable[:20]:
+        log.info(f"  unreadable: {item['path']}: {item['reason']}")
+    if len(unreadable) > 20:
+        log.info(f"  ... and {len(unreadable) - 20} more (listed in the store's meta.json)")
+
+
+def merge_and_finish(args, log) -> None:
+    """Merges all chunks into --output, then optionally filters; removes the work folder."""
+    manifest_path = os.path.join(args.work_dir, sharding.MANIFEST)
+    if not os.path.isfile(manifest_path):
+        raise SystemExit(f"error: {args.work_dir} has no {sharding.MANIFEST}: nothing to merge "
+                         "(wrong --work-dir?)")
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+        total = sharding.num_chunks(manifest["job"]["num_images"], manifest["job"]["chunk_size"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: {manifest_path}: unreadable work-folder manifest ({e})") from e
+    meta = dict(manifest["meta"], created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    store = sharding.merge_chunks(args.work_dir, total, args.output, meta)
+    m = store.meta
+    log_summary(log, f"store {args.output}", m["num_images"] + m["num_unreadable"],
+                m["num_boxes"], m["num_images_without_boxes"], m["unreadable"])
+    if not args.keep_work_dir:
+        shutil.rmtree(args.work_dir, ignore_errors=True)
+    if args.filter:
+        from selective_search.filter_proposals import filter_store
+
+        filter_store(args.output, args.filter_output, args.filter, log=log)
+
+
+def main(argv=None) -> None:
+    args = parse_args_with_config(build_parser(), argv)
+    args.work_dir = args.work_dir or args.output.rstrip("/") + ".work"
+    if args.filter:
+        from selective_search.filters import parse_strategy
+
+        try:
+            parse_strategy(args.filter)
+        except ValueError as e:
+            raise SystemExit(f"error: --filter: {e}") from e
+        args.filter_output = args.filter_output or filtered_output_path(args.output, args.filter)
+    shard_id, num_shards = resolve_shard(args)
+    log = setup_logging(rank=shard_id if num_shards > 1 else 0, name="soco")
+    log = get_logger("soco.selective_search")
+    if args.workers < 1 or args.chunk_size < 1:
+        raise SystemExit("error: --workers and --chunk-size must be >= 1")
+    check_outputs(args)
+    if args.merge:
+        merge_and_finish(args, log)
+        return
+    if not args.image_root:
+        raise SystemExit("error: --image-root is required (unless --merge)")
+    params = resolve_backend_params(args)
+    relpaths = list_images(args)
+    image_root = os.path.abspath(args.image_root)
+    job = {"num_images": len(relpaths), "paths_sha256": sharding.paths_digest(relpaths),
+           "backend": args.backend, "backend_params": params, "max_side": args.max_side,
+           "chunk_size": args.chunk_size}
+    meta = {"backend": args.backend, "backend_params": params, "max_side": args.max_side,
+            "filter": None, "image_root": image_root, "coco_json": args.coco_json}
+    sharding.prepare_work_dir(args.work_dir, {"job": job, "image_root": image_root, "meta": meta})
+    cfg = {"image_root": image_root, "backend": args.backend, "max_side": args.max_side,
+           "params": params}
+    start = time.time()
+    stats = run_shard(relpaths, cfg, args.chunk_size, args.work_dir, shard_id, num_shards,
+                      args.workers, log)
+    elapsed = time.time() - start
+    log_summary(log, f"shard {shard_id}/{num_shards} done in {elapsed:.1f}s "
+                f"({stats['images'] / max(elapsed, 1e-9):.2f} images/s)", stats["images"],
+                stats["boxes"], stats["without_boxes"], stats["unreadable"])
+    if args.no_merge or (shard_id != 0 and num_shards > 1):
+        return
+    total = sharding.num_chunks(len(relpaths), args.chunk_size)
+    deadline = time.time() + args.wait_for_shards
+    missing = sharding.missing_chunks(args.work_dir, total)
+    while missing and time.time() < deadline:
+        time.sleep(min(10.0, max(0.1, deadline - time.time())))
+        missing = sharding.missing_chunks(args.work_dir, total)
+    if missing:
+        log.info(f"{len(missing)} of {total} chunks belong to shards that have not finished; "
+                 f"when they have, run: {os.path.basename(__file__)} --output {args.output} "
+                 f"--work-dir {args.work_dir} --merge")
+        return
+    merge_and_finish(args, log)
+
+
+if __name__ == "__main__":
+    main()
