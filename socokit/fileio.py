@@ -13,8 +13,6 @@ import pickle
 import tempfile
 import zipfile
 
-import torch
-
 
 class CheckpointError(Exception):
     """A checkpoint file is missing, truncated, not a checkpoint, or unsafe to load."""
@@ -50,6 +48,8 @@ def atomic_save_json(obj, path: str, indent: int = 2) -> None:
 
 
 def atomic_torch_save(obj, path: str) -> None:
+    import torch  # imported lazily: the proposal stage's CLIs start faster without torch
+
     with atomic_write(path, "wb") as f:
         torch.save(obj, f)
 
@@ -61,6 +61,8 @@ def safe_torch_load(path: str, map_location="cpu"):
         CheckpointError: the file is missing, empty, truncated, not a torch checkpoint, or
             holds objects that ``weights_only`` refuses (arbitrary pickled classes).
     """
+    import torch
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
