@@ -187,7 +187,7 @@ def check_bad_fraction(num_replaced: float, num_images: float, limit: float, epo
     """Raise :class:`TooManyBadImagesError` if the replaced fraction exceeds ``limit``."""
     if num_images > 0 and num_replaced / num_images > limit:
         raise TooManyBadImagesError(
-            f"{int(num_replaced)} of {int(num_images)} images loaded in epoch {epoch} "
+            f"{int(num_replaced)} of {int(num_images)} images loaded in epoch {epoch + 1} "
             f"({100.0 * num_replaced / num_images:.2f}%) were unreadable and replaced by other "
             f"images, more than --max-bad-fraction {limit}. Check the image root and the "
             "proposal store (they must come from the same folder), or remove the bad files "
@@ -259,7 +259,7 @@ def train_one_epoch(*, model, model_without_ddp, loader, optimizer, scaler, lr_v
     if not result.stopped:
         check_bad_fraction(result.num_replaced, result.num_images, settings.max_bad_fraction, epoch)
     logger.info("epoch %d done: %d iterations, mean loss %.4f, %d/%d images replaced",
-                epoch, steps, result.loss_avg, result.num_replaced, result.num_images)
+                epoch + 1, steps, result.loss_avg, result.num_replaced, result.num_images)
     return result
 
 
