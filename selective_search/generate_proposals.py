@@ -22,6 +22,7 @@ import argparse
 import collections
 import concurrent.futures as cf
 import json
+import multiprocessing
 import os
 import shutil
 import time
@@ -32,7 +33,6 @@ from tqdm import tqdm
 from selective_search import backends, sharding
 from selective_search.cli_help import DefaultsHelpFormatter
 from socokit.config import add_config_argument, parse_args_with_config
-from socokit.distributed import shard_from_env
 from socokit.fileio import check_writable_dir
 from socokit.images import IMAGE_EXTENSIONS, ImageError, find_images, load_rgb_array
 from socokit.log import get_logger, setup_logging
@@ -152,7 +152,11 @@ def ordered_results(relpaths: list[str], cfg: dict, workers: int):
             yield propose_one(p)
         return
     window = collections.deque()
-    with cf.ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(cfg,)) as pool:
+    # spawn, not fork: a child forked after OpenCV started its thread pool in this process
+    # deadlocks inside cv2 (seen with opencv 5 wheels), and fork under threads is unsafe anyway
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                initargs=(cfg,)) as pool:
         it = iter(relpaths)
         for p in it:
             window.append((p, pool.submit(propose_one, p)))
@@ -211,6 +215,8 @@ def resolve_shard(args) -> tuple[int, int]:
     if (args.num_shards is None) != (args.shard_id is None):
         raise SystemExit("error: give both --num-shards and --shard-id, or neither")
     if args.num_shards is None:
+        from socokit.distributed import shard_from_env  # imports torch: only when needed
+
         return shard_from_env()
     if args.num_shards < 1 or not 0 <= args.shard_id < args.num_shards:
         raise SystemExit(f"error: --shard-id {args.shard_id} is outside 0..{args.num_shards - 1}")
