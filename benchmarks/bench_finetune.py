@@ -1,0 +1,205 @@
+"""Training (and evaluation) images/s: our fine-tuning loop vs torchvision's reference recipe.
+
+Same detector (Mask R-CNN R-FPN with the 4conv1fc head, built once per path with the same seed),
+same batch, same image size, same images, in one run:
+
+* **reference**: a re-implementation of torchvision ``references/detection`` training: the
+  dataset decodes every mask at the original resolution, converts the image to float in the
+  worker, flips; the model's ``GeneralizedRCNNTransform`` resizes image and masks on the main
+  process; plain Python loop with ``loss_dict`` sum, a loss reduction and ``.item()`` each step,
+  ``zero_grad`` / ``backward`` / ``SGD.step`` (default implementation), optional autocast +
+  GradScaler.
+* **ours**: :mod:`transfer.engine` / :mod:`transfer.data`: resize and mask rasterisation at the
+  final size in the workers on uint8, uint8 transfer and normalisation on the device,
+  channels_last (CUDA), AMP (``--amp``), fused (CUDA) / foreach SGD, all-rank finite check.
+
+CPU at small sizes by default; on a GPU: ``--device cuda --amp bf16 --size 800 --backbone resnet50``.
+
+    python benchmarks/bench_finetune.py                       # CPU, R50-FPN at 160 px
+    python benchmarks/bench_finetune.py --device cuda --amp bf16 --size 800 --batch 4 --iters 30
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from torch.utils.data import DataLoader, Dataset
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+from socokit.backbones import PIXEL_CONVENTION
+from socokit.demo_data import make_demo_data
+from socokit.training import autocast_context, make_grad_scaler
+from transfer.data import build_test_loader, build_train_loader, load_split
+from transfer.engine import TrainState, train_step
+from transfer.evaluation import DetectionEvaluator, run_inference
+from transfer.models import build_detector
+from transfer.solver import build_optimizer
+
+
+class ReferenceCocoDataset(Dataset):
+    """torchvision references/detection style: full-resolution masks, float image, flip."""
+
+    def __init__(self, root: str, ann_file: str):
+        self.root, self.coco = root, COCO(ann_file)
+        self.ids = [i for i in sorted(self.coco.imgs) if any(not a["iscrowd"] for a in self.coco.imgToAnns[i])]
+        self.cat_to_label = {c: i + 1 for i, c in enumerate(sorted(self.coco.cats))}
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, idx):
+        info = self.coco.imgs[self.ids[idx]]
+        image = Image.open(f"{self.root}/{info['file_name']}").convert("RGB")
+        w, h = image.size
+        anns = [a for a in self.coco.imgToAnns[info["id"]] if not a["iscrowd"]]
+        boxes = torch.as_tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        boxes[:, 0::2].clamp_(0, w)
+        boxes[:, 1::2].clamp_(0, h)
+        masks = []
+        for a in anns:
+            rles = mask_utils.frPyObjects(a["segmentation"], h, w)
+            m = mask_utils.decode(rles)
+            masks.append(torch.as_tensor(m.any(axis=2) if m.ndim == 3 else m, dtype=torch.uint8))
+        masks = torch.stack(masks) if masks else torch.zeros((0, h, w), dtype=torch.uint8)
+        keep = (boxes[:, 3] > boxes[:, 1]) & (boxes[:, 2] > boxes[:, 0])
+        target = {"boxes": boxes[keep], "masks": masks[keep],
+                  "labels": torch.tensor([self.cat_to_label[a["category_id"]] for a in anns], dtype=torch.int64)[keep]}
+        img = TF.to_dtype(TF.pil_to_tensor(image), torch.float32, scale=True)
+        if random.random() < 0.5:
+            img = img.flip(-1)
+            target["boxes"] = target["boxes"][:, [2, 1, 0, 3]] * torch.tensor([-1, 1, -1, 1]) + torch.tensor([w, 0, w, 0])
+            target["masks"] = target["masks"].flip(-1)
+        return img, target
+
+
+def _model(args, device, ours: bool):
+    torch.manual_seed(0)
+    model = build_detector("maskrcnn_fpn", backbone=args.backbone, num_classes=11, norm="bn",
+                           min_size=args.size, max_size=args.max_size, channels_last=ours and device.type == "cuda")
+    if not ours:
+        model.transform = GeneralizedRCNNTransform(args.size, args.max_size, PIXEL_CONVENTION["mean"],
+                                                   PIXEL_CONVENTION["std"])
+    model.to(device, memory_format=torch.channels_last if ours and device.type == "cuda" else torch.preserve_format)
+    return model.train()
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_reference(args, data, device) -> float:
+    model = _model(args, device, ours=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.002, momentum=0.9, weight_decay=1e-4)
+    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
+    loader = DataLoader(ReferenceCocoDataset(data["coco_train_images"], data["coco_train_json"]),
+                        batch_size=args.batch, shuffle=True, num_workers=args.workers, drop_last=True,
+                        collate_fn=lambda b: tuple(zip(*b)), persistent_workers=args.workers > 0,
+                        generator=torch.Generator().manual_seed(0))
+    it, n, start = 0, 0, None
+    while True:
+        for images, targets in loader:
+            if it == args.warmup:
+                _sync(device)
+                start, n = time.perf_counter(), 0
+            images = [img.to(device) for img in images]
+            targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+            with autocast_context(device, args.amp):
+                loss_dict = model(images, targets)
+                losses = sum(loss for loss in loss_dict.values())
+            loss_value = sum(v.detach() for v in loss_dict.values()).item()  # reduce_dict + .item()
+            if not np.isfinite(loss_value):
+                raise SystemExit(f"reference loss is {loss_value}")
+            optimizer.zero_grad()
+            if scaler is not None:
+                scaler.scale(losses).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                losses.backward()
+                optimizer.step()
+            it += 1
+            n += len(images)
+            if it == args.warmup + args.iters:
+                _sync(device)
+                return n / (time.perf_counter() - start)
+
+
+def bench_ours(args, data, device) -> float:
+    model = _model(args, device, ours=True)
+    records, _, _ = load_split(data["coco_train_images"], data["coco_train_json"])
+    loader, _ = build_train_loader(records, data["coco_train_images"], batch_size=args.batch, seed=0, rank=0,
+                                   world_size=1, start_iter=0, min_sizes=(args.size,), max_size=args.max_size,
+                                   num_workers=args.workers, pin_memory=device.type == "cuda")
+    state = TrainState(build_optimizer(model, 0.002), make_grad_scaler(device, args.amp), 10 ** 9, 0.002, (),
+                       0, amp=args.amp)
+    data_iter = iter(loader)
+    for _ in range(args.warmup):
+        train_step(model, [next(data_iter)], state, device)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(args.iters):
+        train_step(model, [next(data_iter)], state, device)
+    _sync(device)
+    return args.iters * args.batch / (time.perf_counter() - start)
+
+
+def bench_eval(args, data, device, ours: bool) -> float:
+    model = _model(args, device, ours).eval()
+    records, categories, api = load_split(data["coco_val_images"], data["coco_val_json"])
+    evaluator = DetectionEvaluator(api, [0] + [c["id"] for c in categories], with_masks=True)
+    loader, _ = build_test_loader(records, data["coco_val_images"], rank=0, world_size=1, num_workers=args.workers)
+    start = time.perf_counter()
+    if not ours:  # reference: float images from the loader (lazy, so it is timed too)
+        loader = (([img.float() / 255 for img in images], targets) for images, targets in loader)
+    run_inference(model, loader, evaluator, device, lambda: autocast_context(device, args.amp))
+    _sync(device)
+    return len(records) / (time.perf_counter() - start)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="mixed precision for both paths")
+    p.add_argument("--backbone", default="resnet50", help="detector backbone (same for both paths)")
+    p.add_argument("--size", type=int, default=160, help="training/test shorter side")
+    p.add_argument("--max-size", type=int, default=213, help="cap on the longer side")
+    p.add_argument("--batch", type=int, default=2, help="images per step")
+    p.add_argument("--iters", type=int, default=5, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (both paths)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave)")
+    p.add_argument("--images", type=int, default=24, help="synthetic COCO-style training images")
+    p.add_argument("--measure", default="both", choices=("both", "train", "eval"), help="what to time")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = make_demo_data(f"{tmp}/demo", num_classes=1, images_per_class=1, coco_train=args.images,
+                              coco_val=max(8, args.images // 4), image_size=(args.size * 3 // 4, args.size * 4 // 3),
+                              photos=False, progress=False)
+        print(f"device {device}, amp {args.amp}, backbone {args.backbone}, size {args.size}/{args.max_size}, "
+              f"batch {args.batch}, {args.iters} timed steps after {args.warmup}, {args.workers} workers")
+        if args.measure in ("both", "train"):
+            ref = bench_reference(args, data, device)
+            ours = bench_ours(args, data, device)
+            print(f"train images/s  reference {ref:8.2f}   ours {ours:8.2f}   speed-up {ours / ref:5.2f}x")
+        if args.measure in ("both", "eval"):
+            ref_e = bench_eval(args, data, device, ours=False)
+            ours_e = bench_eval(args, data, device, ours=True)
+            print(f"eval  images/s  reference {ref_e:8.2f}   ours {ours_e:8.2f}   speed-up {ours_e / ref_e:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Samplers for iteration-based training and sharded inference.
+
+Training draws from one endless global stream of ``(index, aug_seed)`` pairs built from
+seeded per-epoch permutations (optionally with LVIS repeat factors). Rank ``r`` of ``W`` takes
+stream positions ``r, r + W, r + 2W, ...``. With ``b`` images per rank per step, global
+step ``i`` therefore consumes positions ``[i*b*W, (i+1)*b*W)`` whatever ``W`` is, and the
+augmentation seed belongs to the stream position: 2 ranks x 1 image see exactly the samples of
+1 rank x 2 images, and a resumed run continues the very same stream.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+from torch.utils.data import Sampler
+
+
+def repeat_factors(records: list, repeat_thresh: float) -> torch.Tensor:
+    """LVIS repeat factors (Gupta et al. 2019; detectron2 ``RepeatFactorTrainingSampler``).
+
+    r(c) = max(1, sqrt(t / f(c))) with f(c) the fraction of training images containing
+    category c; an image repeats max over its categories of r(c) (1 for images without
+    annotations).
+
+    Returns:
+        float Tensor[N] of per-image repeat factors.
+    """
+    counts = defaultdict(int)
+    for rec in records:
+        for label in {a["label"] for a in rec.anns}:
+            counts[label] += 1
+    n = max(1, len(records))
+    cat_rep = {c: max(1.0, math.sqrt(repeat_thresh / (k / n))) for c, k in counts.items()}
+    return torch.tensor([max([cat_rep[a["label"]] for a in rec.anns], default=1.0)
+                         for rec in records], dtype=torch.float64)
+
+
+class InfiniteSampler(Sampler):
+    """Endless shuffled stream of ``(index, aug_seed)`` for this rank.
+
+    Args:
+        size: number of images.
+        seed: shared by all ranks (same global stream everywhere).
+        rank, world_size: this process's slice of the stream.
+        start: number of stream items this rank has already consumed (resume).
+        shuffle: permute each epoch (otherwise 0..size-1 repeated).
+        rep_factors: optional per-image repeat factors (stochastic rounding per epoch).
+    """
+
+    def __init__(self, size: int, seed: int = 0, rank: int = 0, world_size: int = 1, start: int = 0,
+                 shuffle: bool = True, rep_factors: torch.Tensor | None = None):
+        if size <= 0:
+            raise ValueError("InfiniteSampler needs a non-empty dataset")
+        self.size, self.seed, self.rank, self.world_size = size, int(seed), rank, world_size
+        self.start, self.shuffle, self.rep_factors = int(start), shuffle, rep_factors
+
+    def _epoch(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
+        if self.rep_factors is None:
+            idx = torch.arange(self.size)
+        else:
+            frac = self.rep_factors - self.rep_factors.floor()
+            reps = self.rep_factors.floor() + (torch.rand(self.size, generator=g, dtype=torch.float64) < frac)
+            idx = torch.repeat_interleave(torch.arange(self.size), reps.long())
+        if self.shuffle:
+            idx = idx[torch.randperm(len(idx), generator=g)]
+        return idx
+
+    def __iter__(self):
+        pos = self.start * self.world_size + self.rank  # global stream position
+        epoch, offset = 0, 0
+        perm = self._epoch(0)
+        while True:
+            while pos - offset >= len(perm):
+                offset += len(perm)
+                epoch += 1
+                perm = self._epoch(epoch)
+            idx = int(perm[pos - offset])
+            yield idx, (self.seed * 7919 + pos) % (2 ** 31)
+            pos += self.world_size
+
+    def __len__(self):  # endless; DataLoader only needs this for len(loader)
+        return 2 ** 62
+
+
+class InferenceSampler(Sampler):
+    """Contiguous shard of ``range(size)`` for this rank, every image exactly once.
+
+    Contiguous shards concatenated in rank order give back the single-process order, so the
+    gathered results are identical to a one-process evaluation.
+    """
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1):
+        per = size // world_size
+        extra = size % world_size
+        begin = rank * per + min(rank, extra)
+        self.indices = list(range(begin, begin + per + (1 if rank < extra else 0)))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)

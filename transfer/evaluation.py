@@ -1,0 +1,199 @@
+"""COCO (pycocotools) and LVIS (``lvis`` package) box / mask AP, distributed over ranks.
+
+Every rank turns its detections into COCO result dicts (``bbox`` as ``[x, y, w, h]`` in the
+original image frame, masks as compressed RLE of ``prob > 0.5``); the lists are gathered in rank
+order on rank 0, which runs the official evaluation and broadcasts the numbers. With the
+contiguous shards of :class:`transfer.data.samplers.InferenceSampler` the gathered list is the
+one a single process would make, so distributed and single-process metrics are identical.
+
+Metrics are in percent (detectron2's convention and the README tables): ``AP, AP50, AP75,
+APs, APm, APl`` per task (``bbox``, ``segm``), plus ``APr, APc, APf`` for LVIS. A value that
+the evaluator reports as undefined (no ground truth in that area range) is ``None``.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+
+from socokit import distributed as sdist
+from socokit.log import get_logger
+
+logger = get_logger("soco.finetune")
+COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+LVIS_KEYS = COCO_KEYS + ("APr", "APc", "APf")
+
+
+def detections_to_results(image_id: int, output: dict, label_to_category: list,
+                          with_masks: bool) -> list[dict]:
+    """One image's detector output → COCO result dicts.
+
+    Args:
+        image_id: the annotation file's image id.
+        output: ``boxes`` Tensor[N, 4] (xyxy, original frame), ``scores`` [N], ``labels`` [N]
+            (contiguous 1..K), optional ``masks`` Tensor[N, 1, H, W] of probabilities.
+        label_to_category: ``label_to_category[label]`` = category id (index 0 unused).
+        with_masks: also encode masks.
+    """
+    boxes_xyxy = output["boxes"].detach().float().cpu()
+    if len(boxes_xyxy) == 0:
+        return []
+    boxes_xywh = boxes_xyxy.clone()
+    boxes_xywh[:, 2:] -= boxes_xywh[:, :2]
+    scores = output["scores"].detach().float().cpu().tolist()
+    labels = output["labels"].detach().cpu().tolist()
+    rles = None
+    if with_masks and "masks" in output:
+        binary = (output["masks"][:, 0] > 0.5).cpu().numpy().astype(np.uint8)  # [N, H, W]
+        rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
+        for rle in rles:
+            rle["counts"] = rle["counts"].decode("ascii")
+    results = []
+    for i, (box, score, label) in enumerate(zip(boxes_xywh.tolist(), scores, labels)):
+        res = {"image_id": int(image_id), "category_id": int(label_to_category[label]),
+               "bbox": [round(v, 3) for v in box], "score": float(score)}
+        if rles is not None:
+            res["segmentation"] = rles[i]
+        results.append(res)
+    return results
+
+
+def _clean(value: float) -> float | None:
+    return None if (value is None or value < 0 or math.isnan(value)) else float(value) * 100.0
+
+
+def coco_metrics(coco_gt, results: list[dict], iou_type: str, image_ids: list[int]) -> dict:
+    """Run pycocotools' COCOeval on ``results`` restricted to ``image_ids`` (percent)."""
+    from pycocotools.cocoeval import COCOeval
+
+    if not results:
+        logger.warning("no %s detections: AP is 0", iou_type)
+        return {k: 0.0 for k in COCO_KEYS}
+    if iou_type == "segm":
+        results = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes(results)
+        ev = COCOeval(coco_gt, coco_dt, iou_type)
+        ev.params.imgIds = sorted(image_ids)
+        ev.evaluate()
+        ev.accumulate()
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        ev.summarize()
+    logger.info("COCO %s evaluation:\n%s", iou_type, buf.getvalue().rstrip())
+    return {k: _clean(v) for k, v in zip(COCO_KEYS, ev.stats[:6])}
+
+
+@contextlib.contextmanager
+def _numpy_float_alias():
+    """lvis 0.5.3's ``accumulate`` uses ``np.float``, removed in NumPy >= 1.24: alias it briefly."""
+    added = "float" not in np.__dict__
+    if added:
+        np.float = float
+    try:
+        yield
+    finally:
+        if added:
+            del np.float
+
+
+def lvis_metrics(lvis_gt, results: list[dict], iou_type: str, image_ids: list[int],
+                 max_dets: int = 300) -> dict:
+    """Federated LVIS AP (``lvis.LVISEval``) restricted to ``image_ids`` (percent)."""
+    from lvis import LVISEval, LVISResults
+
+    if not results:
+        logger.warning("no %s detections: AP is 0", iou_type)
+        return {k: 0.0 for k in LVIS_KEYS}
+    if iou_type == "segm":  # LVISResults recomputes area from the mask only without a bbox
+        results = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+    lvis_log = logging.getLogger("lvis.results")
+    level = lvis_log.level
+    lvis_log.setLevel(logging.ERROR)  # it warns "Assuming user provided the results" every call
+    try:
+        lvis_dt = LVISResults(lvis_gt, results, max_dets=max_dets)
+    finally:
+        lvis_log.setLevel(level)
+    ev = LVISEval(lvis_gt, lvis_dt, iou_type)
+    ev.params.img_ids = sorted(image_ids)
+    with _numpy_float_alias(), contextlib.redirect_stdout(io.StringIO()):
+        ev.run()
+    return {k: _clean(v) for k, v in ev.get_results().items() if k in LVIS_KEYS}
+
+
+class DetectionEvaluator:
+    """Collects detections on every rank; :meth:`evaluate` gathers and scores on rank 0.
+
+    Args:
+        api: pycocotools ``COCO`` (kind "coco") or ``lvis.LVIS`` (kind "lvis") ground truth.
+        label_to_category: contiguous label → category id (index 0 unused).
+        with_masks: evaluate ``segm`` as well as ``bbox``.
+        kind: "coco" or "lvis".
+        max_dets: LVIS detections per image (300 in the LVIS protocol).
+    """
+
+    def __init__(self, api, label_to_category: list, with_masks: bool, kind: str = "coco",
+                 max_dets: int = 300):
+        self.api, self.label_to_category = api, list(label_to_category)
+        self.with_masks, self.kind, self.max_dets = with_masks, kind, max_dets
+        self.reset()
+
+    def reset(self) -> None:
+        self.results: list[dict] = []
+        self.image_ids: list[int] = []
+        self.num_unreadable = 0
+
+    def process(self, targets: list[dict], outputs: list[dict]) -> None:
+        """Add one batch (targets give ``image_id``; unreadable images are counted, not scored)."""
+        for target, output in zip(targets, outputs):
+            if target.get("unreadable"):
+                self.num_unreadable += 1
+                continue
+            self.image_ids.append(int(target["image_id"]))
+            self.results.extend(detections_to_results(target["image_id"], output,
+                                                      self.label_to_category, self.with_masks))
+
+    def evaluate(self) -> dict:
+        """Gather over ranks and score. Every rank returns the same dict.
+
+        Returns:
+            ``{"bbox": {...}, "segm": {...}, "num_images": n, "num_unreadable": u}``.
+        """
+        gathered = sdist.all_gather_object((self.results, self.image_ids, self.num_unreadable))
+        metrics = None
+        if sdist.is_main_process():
+            results = [r for part in gathered for r in part[0]]
+            image_ids = [i for part in gathered for i in part[1]]
+            unreadable = sum(part[2] for part in gathered)
+            metrics = {"num_images": len(image_ids), "num_unreadable": unreadable}
+            score = lvis_metrics if self.kind == "lvis" else coco_metrics
+            extra = {"max_dets": self.max_dets} if self.kind == "lvis" else {}
+            for iou_type in (("bbox", "segm") if self.with_masks else ("bbox",)):
+                metrics[iou_type] = score(self.api, results, iou_type, image_ids, **extra)
+        return sdist.broadcast_object(metrics)
+
+
+@torch.no_grad()
+def run_inference(model, loader, evaluator: DetectionEvaluator, device, amp_context, progress=None) -> dict:
+    """Run ``model`` (eval mode) over ``loader`` and return ``evaluator.evaluate()``."""
+    was_training = model.training
+    model.eval()
+    evaluator.reset()
+    for images, targets in loader:
+        keep = [i for i, t in enumerate(targets) if not t.get("unreadable")]
+        outputs = [None] * len(targets)
+        if keep:
+            with amp_context():
+                preds = model([images[i].to(device, non_blocking=True) for i in keep])
+            for i, p in zip(keep, preds):
+                outputs[i] = {k: v.float() if v.is_floating_point() else v for k, v in p.items()}
+        evaluator.process(targets, [o if o is not None else {} for o in outputs])
+        if progress is not None:
+            progress.update(len(targets))
+    model.train(was_training)
+    return evaluator.evaluate()

@@ -1,0 +1,127 @@
+"""Schedules, optimizer and precise BN for iteration-based detector fine-tuning.
+
+Schedules are stated at a reference total batch of 16 images (detectron2's convention):
+
+==========  =========  =====================  ==========================================
+name        max_iter   LR steps (x0.1 each)   source
+==========  =========  =====================  ==========================================
+1x          90 000     60 000, 80 000         detectron2 ``*_1x`` (≈12 COCO epochs)
+2x          180 000    120 000, 160 000       detectron2 ``*_2x``
+3x          270 000    210 000, 250 000       detectron2 ``*_3x``
+6x          540 000    480 000, 520 000       He et al. 2019 "Rethinking ImageNet
+                                              Pre-training": drop in the last 60k and 20k
+==========  =========  =====================  ==========================================
+
+With another total batch B (per-process batch x processes x accumulation steps) the learning
+rate scales linearly (lr = base_lr x B / 16) and every iteration count (max_iter, steps,
+warmup) scales by 16 / B, as detectron2's ``REFERENCE_WORLD_SIZE`` auto-scaling does.
+Warmup is linear from ``warmup_factor`` x lr over ``warmup_iters`` (1000, 0.001).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+SCHEDULES = {"1x": (90_000, (60_000, 80_000)), "2x": (180_000, (120_000, 160_000)),
+             "3x": (270_000, (210_000, 250_000)), "6x": (540_000, (480_000, 520_000))}
+
+
+def resolve_schedule(schedule: str | None, max_iter: int | None, steps, warmup_iters: int,
+                     base_lr: float, total_batch: int, reference_batch: int = 16,
+                     scale: bool = True) -> dict:
+    """Iteration counts and LR for the actual total batch.
+
+    Args:
+        schedule: a name of :data:`SCHEDULES`, or None when ``max_iter``/``steps`` are given.
+        max_iter, steps: explicit values at the reference batch (override the preset).
+        total_batch: images per optimizer step over all processes.
+        scale: apply the linear-scaling rule (otherwise the values are used as given).
+
+    Returns:
+        dict with ``max_iter``, ``steps`` (tuple), ``warmup_iters``, ``lr``, ``factor``.
+    """
+    if schedule:
+        if schedule not in SCHEDULES:
+            raise SystemExit(f"error: unknown schedule {schedule!r} (use {', '.join(SCHEDULES)})")
+        preset_iter, preset_steps = SCHEDULES[schedule]
+        max_iter = max_iter or preset_iter
+        steps = steps if steps else preset_steps
+    if not max_iter:
+        raise SystemExit("error: give --schedule or --max-iter")
+    steps = tuple(int(s) for s in (steps or ()))
+    factor = reference_batch / total_batch if scale else 1.0
+    lr = base_lr / factor if scale else base_lr
+
+    def s(v):
+        return max(1, int(round(v * factor)))
+    return {"max_iter": s(max_iter), "steps": tuple(s(v) for v in steps),
+            "warmup_iters": int(round(warmup_iters * factor)), "lr": lr, "factor": factor}
+
+
+def lr_at(iteration: int, lr: float, steps, warmup_iters: int, warmup_factor: float = 0.001,
+          gamma: float = 0.1) -> float:
+    """Learning rate of optimizer step ``iteration`` (0-based): linear warmup, then steps."""
+    value = lr * gamma ** sum(iteration >= s for s in steps)
+    if iteration < warmup_iters:
+        alpha = iteration / warmup_iters
+        value *= warmup_factor * (1 - alpha) + alpha
+    return value
+
+
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def build_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4,
+                    weight_decay_norm: float = 0.0, fused: bool | None = None) -> torch.optim.SGD:
+    """SGD with detectron2's parameter groups: norm weights/biases use ``weight_decay_norm``.
+
+    Frozen parameters (``requires_grad=False``) are left out. ``fused`` picks the fused CUDA
+    kernel (default: on CUDA parameters); otherwise the multi-tensor ``foreach`` path.
+    """
+    decay, no_decay = [], []
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if p.requires_grad:
+                (no_decay if isinstance(module, _NORMS) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": weight_decay_norm}]
+    groups = [g for g in groups if g["params"]]
+    if fused is None:
+        fused = all(p.is_cuda for g in groups for p in g["params"])
+    kwargs = {"fused": True} if fused else {"foreach": True}
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, **kwargs)
+
+
+@torch.no_grad()
+def precise_bn(model: nn.Module, batches, forward) -> int:
+    """Recompute BN running statistics as the true average over ``batches`` (detectron2 PreciseBN).
+
+    Args:
+        model: the (possibly DDP-wrapped) model; BN layers in train mode are updated (SyncBN
+            averages over ranks by itself).
+        batches: an iterable of inputs for ``forward``.
+        forward: callable(batch) running the model in train mode (losses are ignored).
+
+    Returns:
+        Number of batches used.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    if not bns:
+        return 0
+    momenta = [bn.momentum for bn in bns]
+    means = [torch.zeros_like(bn.running_mean) for bn in bns]
+    variances = [torch.zeros_like(bn.running_var) for bn in bns]
+    n = 0
+    for batch in batches:
+        for bn in bns:
+            bn.momentum = 1.0  # running stats = this batch's stats
+        forward(batch)
+        n += 1
+        for i, bn in enumerate(bns):
+            means[i] += (bn.running_mean - means[i]) / n
+            variances[i] += (bn.running_var - variances[i]) / n
+    for i, bn in enumerate(bns):
+        bn.running_mean.copy_(means[i])
+        bn.running_var.copy_(variances[i])
+        bn.momentum = momenta[i]
+    return n
