@@ -16,14 +16,6 @@ TINY = dict(backbone="timm:test_resnet", num_classes=4, min_size=96, max_size=12
             rpn_pre_nms_top_n_test=200, box_batch_size_per_image=32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _batch(masks: bool):
     """One image with two objects and one image with none (different sizes)."""
     images = [torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8),

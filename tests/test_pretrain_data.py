@@ -350,7 +350,6 @@ def test_cutout_lands_on_the_box_content(data_dir):
         views = make_tensors(sample, rng, cfg, colour=False)
         for view_index, set_index in ((1, 2), (2, 3)):
             box = sample.boxes[set_index][0]
-            size = views[view_index].shape[-1]
             bright = np.asarray(sample.views[view_index].convert("L")) > 128
             if box[2] - box[0] > 0.9 or bright.sum() < 36:
                 continue  # whole-view fallback, or too little of the rectangle visible

@@ -24,15 +24,6 @@ SIZES = {"SoCo_FPN": (32, 32, 16), "SoCo_FPN_Star": (32, 32, 24, 16), "SoCo_C4":
 NUM_SETS = {"SoCo_FPN": 4, "SoCo_FPN_Star": 6, "SoCo_C4": 2, "BYOL": 0}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: oversubscribed OpenMP threads make tiny convs 10-100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _make(arch: str, head_mode: str = "faithful", **kw) -> nn.Module:
     torch.manual_seed(0)
     extra = SMALL_FPN if arch.startswith("SoCo_FPN") else SMALL
