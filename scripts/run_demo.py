@@ -30,7 +30,7 @@ def run_stage(title: str, cmd: list[str], done: str, force: bool, timings: dict,
     print(f"\n=== {title}\n$ {prefix}{' '.join(shlex.quote(c) for c in cmd)}", flush=True)
     if os.path.exists(done) and not force:
         print(f"(skipped: {done} exists; --force redoes it)")
-        timings[title] = 0.0
+        timings[title] = None
         return
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})})
@@ -109,18 +109,27 @@ def summary(a: argparse.Namespace, timings: dict) -> None:
                 m = json.load(f)
             print(f"{name:40s} images {m['num_images']:5d}  boxes {m['num_boxes']:7d}  "
                   f"without boxes {m['num_images_without_boxes']:3d}  unreadable {m['num_unreadable']}")
+    rows = []
     for name in ("soco", "scratch"):
         metrics_file = os.path.join(ROOT, a.out, "finetune", name, "metrics.json")
         if os.path.isfile(metrics_file):
             with open(metrics_file) as f:
                 m = json.load(f)
-            cells = [f"{task} AP {m[task]['AP']:.2f} AP50 {m[task]['AP50']:.2f}"
-                     for task in ("bbox", "segm") if task in m and m[task].get("AP") is not None]
-            print(f"fine-tuned from {name:8s} ({m['iteration']} iterations): {'   '.join(cells)}")
+            for task in ("bbox", "segm"):
+                if task in m:
+                    rows.append((f"{name} init, {m['iteration']} it.", task, m[task]))
+    if rows:
+        keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+        print(f"\nCOCO metrics on the demo val set (percent; {a.out}/finetune/*/metrics.json)")
+        print(f"{'fine-tuned from':24s} {'task':5s} " + " ".join(f"{k:>6s}" for k in keys))
+        for label, task, vals in rows:
+            cells = " ".join(f"{vals[k]:6.2f}" if vals.get(k) is not None else f"{'n/a':>6s}" for k in keys)
+            print(f"{label:24s} {task:5s} {cells}")
+        print()
     width = max(len(k) for k in timings)
     for k, v in timings.items():
-        print(f"{k:{width}s}  {v:7.1f} s")
-    print(f"{'total':{width}s}  {sum(timings.values()):7.1f} s")
+        print(f"{k:{width}s}  " + (f"{v:7.1f} s" if v is not None else "skipped (done before)"))
+    print(f"{'total':{width}s}  {sum(v for v in timings.values() if v is not None):7.1f} s")
 
 
 def main(argv=None) -> None:
@@ -134,7 +143,7 @@ def main(argv=None) -> None:
                    help="also fine-tune from scratch, to compare with the SoCo initialisation")
     p.add_argument("--force", action="store_true", help="redo stages whose outputs exist")
     a = p.parse_args(argv)
-    timings: dict[str, float] = {}
+    timings: dict[str, float | None] = {}
     for title, cmd, done, *env in build_stages(a):
         run_stage(title, cmd, os.path.join(ROOT, done), a.force, timings, *env)
     summary(a, timings)
