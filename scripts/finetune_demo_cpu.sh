@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Tiny Mask R-CNN fine-tuning on CPU on the embedded COCO-style demo set (a few minutes on 2 cores),
+# Tiny Mask R-CNN fine-tuning on CPU on the embedded COCO-style demo set (about 8 minutes on 2 cores),
 # reporting COCO box/mask AP in OUTPUT/metrics.json. Optional INIT: a detection-init file converted
 # from the tiny pretraining (bash scripts/pretrain_tiny_cpu.sh; python transfer/convert.py ...).
 # Usage: bash scripts/finetune_demo_cpu.sh [INIT] [extra transfer/finetune.py flags]

@@ -55,6 +55,19 @@ def build_stages(a: argparse.Namespace) -> list[tuple]:
     filtered = f"{out}/proposals/train_ratio3size0308post.proposals"
     pre = f"{out}/pretrain"
     init = f"{out}/convert/soco_tiny_det.pth"
+    iters = []  # the recipe's schedule, or a shorter/longer one with the steps at the same fractions
+    if a.finetune_iters:
+        n = a.finetune_iters
+        iters = ["--max-iter", str(n), "--steps", str(round(0.8 * n)), str(round(0.94 * n))]
+
+    def finetune(init_arg: str, name: str) -> list[str]:
+        return py("transfer/finetune.py", "--config", "transfer/configs/demo_cpu.yaml",
+                  "--train-images", f"{data}/coco/train",
+                  "--train-ann", f"{data}/coco/annotations/instances_train.json",
+                  "--val-images", f"{data}/coco/val",
+                  "--val-ann", f"{data}/coco/annotations/instances_val.json",
+                  "--init", init_arg, "--output-dir", f"{out}/finetune/{name}", *iters)
+
     stages = [
         ("embedded data", py("-m", "socokit.demo_data", "--out", data), f"{data}/demo_data.json"),
         ("selective search (soco backend)",
@@ -79,24 +92,12 @@ def build_stages(a: argparse.Namespace) -> list[tuple]:
         ("convert the pretrained checkpoint to a detection initialisation",
          py("transfer/convert.py", f"{pre}/ckpt_epoch_{a.pretrain_epochs:04d}.pth", init), init),
         ("fine-tune Mask R-CNN on the embedded COCO-style set from the SoCo initialisation",
-         py("transfer/finetune.py", "--config", "transfer/configs/demo_cpu.yaml",
-            "--train-images", f"{data}/coco/train",
-            "--train-ann", f"{data}/coco/annotations/instances_train.json",
-            "--val-images", f"{data}/coco/val", "--val-ann", f"{data}/coco/annotations/instances_val.json",
-            "--init", init, "--output-dir", f"{out}/finetune/soco", "--max-iter", str(a.finetune_iters)),
-         f"{out}/finetune/soco/metrics.json", ONE_THREAD),
+         finetune(init, "soco"), f"{out}/finetune/soco/metrics.json", ONE_THREAD),
     ]
     if a.baseline:
         stages.append(
             ("fine-tune the same detector from scratch (baseline)",
-             py("transfer/finetune.py", "--config", "transfer/configs/demo_cpu.yaml",
-                "--train-images", f"{data}/coco/train",
-                "--train-ann", f"{data}/coco/annotations/instances_train.json",
-                "--val-images", f"{data}/coco/val",
-                "--val-ann", f"{data}/coco/annotations/instances_val.json",
-                "--init", "scratch", "--output-dir", f"{out}/finetune/scratch",
-                "--max-iter", str(a.finetune_iters)),
-             f"{out}/finetune/scratch/metrics.json", ONE_THREAD))
+             finetune("scratch", "scratch"), f"{out}/finetune/scratch/metrics.json", ONE_THREAD))
     return stages
 
 
@@ -132,17 +133,22 @@ def summary(a: argparse.Namespace, timings: dict) -> None:
     print(f"{'total':{width}s}  {sum(v for v in timings.values() if v is not None):7.1f} s")
 
 
-def main(argv=None) -> None:
+def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/demo", help="where the embedded dataset is generated")
     p.add_argument("--out", default="demo_output", help="folder for every artifact of the demo")
     p.add_argument("--workers", type=int, default=2, help="processes for selective search")
     p.add_argument("--pretrain-epochs", type=int, default=2, help="epochs of the tiny SoCo pretraining")
-    p.add_argument("--finetune-iters", type=int, default=300, help="fine-tuning iterations")
+    p.add_argument("--finetune-iters", type=int, default=None,
+                   help="fine-tuning iterations (default: the recipe's 500; LR steps at 80%% and 94%%)")
     p.add_argument("--baseline", action="store_true",
                    help="also fine-tune from scratch, to compare with the SoCo initialisation")
     p.add_argument("--force", action="store_true", help="redo stages whose outputs exist")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> None:
+    a = build_arg_parser().parse_args(argv)
     timings: dict[str, float | None] = {}
     for title, cmd, done, *env in build_stages(a):
         run_stage(title, cmd, os.path.join(ROOT, done), a.force, timings, *env)
