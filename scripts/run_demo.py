@@ -6,9 +6,9 @@
 Stages: make the embedded data; selective search, filtering and drawing of proposals; a tiny
 SoCo_FPN pretraining on the proposals; conversion of its checkpoint to a detection
 initialisation; Mask R-CNN fine-tuning from it with COCO box/mask AP (``--baseline`` adds the
-same fine-tuning from scratch for comparison). Each stage is the toolkit's own command line (printed before it runs), so the log doubles as
-a tutorial. A stage whose output already exists is skipped, so an interrupted demo resumes
-where it stopped; ``--force`` redoes everything.
+same fine-tuning from scratch for comparison). Each stage is the toolkit's own command line
+(printed before it runs), so the log doubles as a tutorial. A stage whose output already exists
+is skipped, so an interrupted demo resumes where it stopped; ``--force`` redoes everything.
 """
 from __future__ import annotations
 
