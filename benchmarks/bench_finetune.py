@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from socokit.backbones import PIXEL_CONVENTION
-from socokit.demo_data import make_demo_data
+from demo.data import make_demo_data
 from socokit.training import autocast_context, make_grad_scaler
 from transfer.data import build_test_loader, build_train_loader, load_split
 from transfer.engine import TrainState, train_step

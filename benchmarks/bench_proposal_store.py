@@ -203,7 +203,7 @@ def _photos(folder: str, num: int) -> list[str]:
     """``num`` photos (scikit-image's bundled ones, cycled) resized to 500 x 375 JPEGs."""
     from PIL import Image
 
-    from socokit.demo_data import export_skimage_photos
+    from demo.data import export_skimage_photos
 
     src = export_skimage_photos(os.path.join(folder, "src"))
     if not src:

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [[ ! -f data/demo/coco/annotations/instances_train.json ]]; then
-  echo "error: data/demo/coco is missing; make it with: python -m socokit.demo_data --out data/demo" >&2
+  echo "error: data/demo/coco is missing; make it with: python -m demo.data --out data/demo" >&2
   exit 2
 fi
 INIT=scratch

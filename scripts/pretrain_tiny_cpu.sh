@@ -12,7 +12,7 @@ if [[ ! -d "$DATA" || ! -d "$PROPOSALS" ]]; then
 error: missing $( [[ -d "$DATA" ]] || printf 'DATA=%s ' "$DATA")$( [[ -d "$PROPOSALS" ]] || printf 'PROPOSALS=%s' "$PROPOSALS")
 This recipe (tiny_cpu) needs an image folder and its selective-search proposal store. Make the
 embedded demo set and its proposals (a few minutes on 2 cores):
-  python -m socokit.demo_data --out data/demo
+  python -m demo.data --out data/demo
   python selective_search/generate_proposals.py --image-root data/demo/imagenet/train --output data/demo/imagenet_train_ss.proposals --workers 2
   python selective_search/filter_proposals.py data/demo/imagenet_train_ss.proposals data/demo/imagenet_train.proposals --strategy ratio3size0308 --post
 Then:

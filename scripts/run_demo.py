@@ -69,7 +69,7 @@ def build_stages(a: argparse.Namespace) -> list[tuple]:
                   "--init", init_arg, "--output-dir", f"{out}/finetune/{name}", *iters)
 
     stages = [
-        ("embedded data", py("-m", "socokit.demo_data", "--out", data), f"{data}/demo_data.json"),
+        ("embedded data", py("-m", "demo.data", "--out", data), f"{data}/demo_data.json"),
         ("selective search (soco backend)",
          py("selective_search/generate_proposals.py", "--image-root", f"{data}/imagenet/train",
             "--output", raw, "--backend", "soco", "--workers", str(a.workers)), f"{raw}/meta.json"),

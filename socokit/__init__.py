@@ -5,8 +5,8 @@ rank-aware logging (:mod:`socokit.log`), atomic file IO and safe checkpoint load
 (:mod:`socokit.fileio`, :mod:`socokit.checkpoint`), robust image loading
 (:mod:`socokit.images`), YAML + argparse configuration (:mod:`socokit.config`), the proposal
 store (:mod:`socokit.proposal_store`), model parts shared by pretraining and transfer
-(:mod:`socokit.backbones`), training-loop helpers (:mod:`socokit.training`) and the embedded
-demo data generator (:mod:`socokit.demo_data`).
+(:mod:`socokit.backbones`) and training-loop helpers (:mod:`socokit.training`).
+The embedded demo data generator lives outside it, in the top-level :mod:`demo` package.
 """
 
 __version__ = "0.1.0"

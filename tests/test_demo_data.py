@@ -1,4 +1,4 @@
-"""Tests of the embedded demo data generator (socokit.demo_data)."""
+"""Tests of the embedded demo data generator (demo.data)."""
 import contextlib
 import io
 import json
@@ -13,8 +13,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from socokit import demo_data
-from socokit.demo_data import CATEGORIES, make_demo_data, mask_to_polygons, render_scene
+from demo import data as demo_data
+from demo.data import CATEGORIES, make_demo_data, mask_to_polygons, render_scene
 
 TINY = dict(num_classes=3, images_per_class=2, coco_train=6, coco_val=3, image_size=(96, 128), seed=0)
 

@@ -33,7 +33,7 @@ def test_every_stage_command_parses(extra):
         assert cmd[0].endswith("python") or "python" in os.path.basename(cmd[0]), cmd
         assert done.startswith((args.out, args.data)), (title, done)
         if cmd[1] == "-m":
-            assert cmd[2] == "socokit.demo_data"
+            assert cmd[2] == "demo.data"
             continue
         script, argv = cmd[1], cmd[2:]
         assert os.path.isfile(os.path.join(REPO, script)), script

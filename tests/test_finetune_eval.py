@@ -12,7 +12,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from socokit.demo_data import make_demo_data
+from demo.data import make_demo_data
 from transfer.data import DetectionDataset, DetectionTransform, load_annotation_index
 from transfer.data.samplers import InferenceSampler, InfiniteSampler, repeat_factors
 from transfer.evaluation import DetectionEvaluator

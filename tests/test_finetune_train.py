@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from socokit.demo_data import make_demo_data
+from demo.data import make_demo_data
 from transfer.finetune import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

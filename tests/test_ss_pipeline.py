@@ -221,7 +221,7 @@ def _gen(*args):
 
 @pytest.fixture(scope="module")
 def image_root(tmp_path_factory):
-    from socokit.demo_data import make_imagenet_style
+    from demo.data import make_imagenet_style
 
     root = tmp_path_factory.mktemp("ss_images") / "train"
     make_imagenet_style(root, num_classes=3, images_per_class=4, image_size=(60, 80), seed=0,

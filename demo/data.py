@@ -532,7 +532,7 @@ def _replace_dir(tmp: Path, root: Path) -> None:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(
-        prog="python -m socokit.demo_data",
+        prog="python -m demo.data",
         description="Generate the deterministic embedded demo data (ImageNet-style folder, COCO-style "
                     "detection set, scikit-image photographs). No downloads.")
     parser.add_argument("--out", default="data/demo", help="output folder (default: data/demo)")
