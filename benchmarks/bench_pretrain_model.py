@@ -28,7 +28,7 @@ import torch
 
 from pretrain.models import build_model
 
-THRESHOLDS = (48, 96, 192, 224)  # FPN level assignment on the view's pixel size (spec §2.4)
+THRESHOLDS = (48, 96, 192, 224)  # FPN level assignment on the view's pixel size (docs/method.md §2.4)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -65,7 +65,7 @@ def _level_ids(ids: torch.Tensor, boxes_norm: torch.Tensor, size: int, unused: f
 
 
 def synthetic_batch(arch: str, n: int, size: int, l: int, gen: torch.Generator):
-    """Views, boxes and id-equality correspondences shaped like the dataset's (spec §2.4-2.5)."""
+    """Views, boxes and id-equality correspondences shaped like the dataset's (docs/method.md §2.4-2.5)."""
     sizes = {"SoCo_FPN": [size, size, size // 2], "SoCo_FPN_Star": [size, size, size * 6 // 7, size // 2],
              "SoCo_C4": [size, size]}[arch]
     views = [torch.randn(n, 3, s, s, generator=gen) for s in sizes]

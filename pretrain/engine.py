@@ -3,14 +3,14 @@
 ``train.py`` parses the configuration and wires the parts; this module runs them. Every
 iteration ``t`` (0-based, global over epochs) does, in this order::
 
-    lr  = lr_values[t];  tau = momentum_values[t]        # per-iteration schedules (spec §4.2)
+    lr  = lr_values[t];  tau = momentum_values[t]        # per-iteration schedules (docs/method.md §4.2)
     model_without_ddp.update_target(tau)                  # EMA, same place as the original
     loss = model(views, boxes, corres)["loss"]            # under autocast
     all-reduce [loss, bad images]; stop every rank if the mean loss is not finite
     zero_grad; scaler.scale(loss).backward(); scaler.unscale_; LARS step; scaler.update
 
 The EMA counter is the global step ``t`` itself, so a resumed run continues the momentum
-schedule where it stopped (the original restarted it at 0.99, spec §8 item 4).
+schedule where it stopped (the original restarted it at 0.99, docs/method.md §8 item 4).
 """
 from __future__ import annotations
 
@@ -166,7 +166,7 @@ def train_step(model, model_without_ddp, optimizer, scaler, batch: dict, *, step
     if inject is not None and inject[0] == step and inject[1] in (None, sdist.get_rank()):
         loss = loss * float("nan")
     # One collective per step: the mean loss for logging and the finiteness check, and the
-    # bad-image count. Logging the mean fixes the original's rank-0-only loss (spec §8 item 11).
+    # bad-image count. Logging the mean fixes the original's rank-0-only loss (docs/method.md §8 item 11).
     stats = sdist.all_reduce_sum(torch.stack([loss.detach().float(), replaced]))
     mean_loss = stats[0] / sdist.get_world_size()
     scale = scaler.get_scale() if scaler.is_enabled() else None
@@ -275,7 +275,7 @@ def _log_record(record: dict, tb_writer, metrics_path: str | None) -> None:
 
 def checkpoint_state(*, model_without_ddp, optimizer, scaler, epoch: int, step: int, config: dict,
                      arch: str, backbone: str, schedule: dict, rng: list) -> dict:
-    """The pretraining checkpoint (brief contract): a plain dict, ``weights_only``-loadable.
+    """The pretraining checkpoint (layout in docs/pretrain.md): a plain dict, ``weights_only``-loadable.
 
     Args:
         epoch: completed epochs (``step // iters_per_epoch``).

@@ -1,6 +1,6 @@
 """Linear evaluation of a pretraining checkpoint on an ImageNet-style labelled folder.
 
-The original protocol (SOCO_SPEC §5): the checkpoint's ONLINE backbone, frozen; global average
+The original protocol (docs/method.md §5): the checkpoint's ONLINE backbone, frozen; global average
 pooling; one linear layer trained with SGD (lr 30 per 256 images, momentum 0.9, weight decay 0),
 100 epochs with a 5-epoch warmup from lr/100 and a per-iteration cosine to 1e-6, total batch 256;
 RandomResizedCrop(224, scale 0.08-1) + flip for training, resize 256 + centre crop 224 for

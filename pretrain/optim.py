@@ -1,4 +1,4 @@
-"""LARS optimiser and parameter groups as in the SoCo release (spec §4.1).
+"""LARS optimiser and parameter groups as in the SoCo release (docs/method.md §4.1).
 
 The original wraps ``torch.optim.SGD`` in a LARS class that rewrites the
 gradients before the SGD step. We implement the same arithmetic as one

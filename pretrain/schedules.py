@@ -1,10 +1,10 @@
-"""Per-iteration learning-rate and EMA-momentum schedules (SoCo spec §4.2, §3.6).
+"""Per-iteration learning-rate and EMA-momentum schedules (docs/method.md §4.2, §3.6).
 
 Both schedules are plain NumPy arrays indexed by the global iteration ``t``
 (0-based), as in DINO/MAE: the training loop sets ``lr = lrs[t]`` and calls
 ``model.update_target(taus[t])`` at the start of iteration ``t``. Resuming at
 iteration ``t`` therefore reproduces the schedule exactly (the original release
-lost its EMA counter on resume, spec §8 item 4).
+lost its EMA counter on resume, docs/method.md §8 item 4).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def lr_schedule(
     """Linear warmup from ``peak_lr / warmup_multiplier`` then cosine to ``eta_min``.
 
     Reproduces the original ``GradualWarmupScheduler`` + ``CosineAnnealingLR``
-    stepped every iteration (spec §4.2)::
+    stepped every iteration (docs/method.md §4.2)::
 
         t <= T_w:  lr(t) = peak / m * ((m - 1) * t / T_w + 1)
         t >  T_w:  lr(t) = eta_min + (peak - eta_min) * (1 + cos(pi * (t - T_w) / T)) / 2
@@ -78,7 +78,7 @@ def lr_schedule(
 
 
 def momentum_schedule(tau0: float, total_iters: int) -> np.ndarray:
-    """Cosine EMA momentum from ``tau0`` to 1 (spec §3.6, BYOL).
+    """Cosine EMA momentum from ``tau0`` to 1 (docs/method.md §3.6, BYOL).
 
     ``tau_k = 1 - (1 - tau0) * (cos(pi * k / K) + 1) / 2`` for ``k = 0 .. K-1``
     with ``K = total_iters``. The original used

@@ -5,12 +5,12 @@ Example (the released setting, the store the pretraining recipes use)::
     python selective_search/filter_proposals.py proposals/train.proposals \\
         proposals/train_ratio3size0308post.proposals --strategy ratio3size0308 --post
 
-Strategies (SOCO_SPEC §1.3; w, h are the SS rect sides, W, H the image's):
+Strategies (docs/method.md §1.3; w, h are the SS rect sides, W, H the image's):
 every one keeps boxes with w >= 32 and h >= 32, then ``none`` adds nothing, ``ratio{r}``
 keeps 1/r <= w/h <= r, ``size{NN}`` keeps NN/10 <= sqrt(wh)/sqrt(WH) <= 1, and
 ``ratio{r}size{AABB}`` both with AA/10 .. BB/10. ``--post`` (or a name ending in ``post``)
 re-filters images left without boxes with ``ratio{r}`` (3 for a size-only strategy), then
-``none``, from the unfiltered input boxes (§1.4).
+``none``, from the unfiltered input boxes (docs/method.md §1.4).
 
 Works block by block over the flat arrays, so RAM stays bounded for an unfiltered
 ImageNet store of several GB; every image stays in the output (possibly with no boxes).

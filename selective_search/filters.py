@@ -2,7 +2,7 @@
 
 Every strategy keeps a selective-search rect ``(x, y, w, h)`` only if ``w >= 32`` and
 ``h >= 32`` (the SS w, h: one less than the pixel extent). Further conditions
-(SOCO_SPEC §1.3):
+(docs/method.md §1.3):
 
 ===================== ===================================================================
 strategy              extra condition
@@ -13,7 +13,7 @@ strategy              extra condition
 ``ratio{r}size{AABB}`` ``1/r <= w/h <= r`` and ``AA/10 <= sqrt(w*h)/sqrt(W*H) <= BB/10``
 ===================== ===================================================================
 
-A trailing ``post`` (``ratio3size0308post``) names the output of the post step (§1.4):
+A trailing ``post`` (``ratio3size0308post``) names the output of the post step (docs/method.md §1.4):
 images left without boxes are re-filtered with ``ratio{r}`` and, if still empty, ``none``.
 
 Names are parsed exactly as the original did (``r = float(name[5])``,
@@ -179,7 +179,7 @@ def filter_keep(boxes_xyxy: np.ndarray, offsets: np.ndarray, sizes_hw: np.ndarra
 
 def _post_fallback(boxes_xyxy: np.ndarray, box_hw: np.ndarray, image_of_box: np.ndarray,
                    num_images: int, keep: np.ndarray, post_ratio: float) -> np.ndarray:
-    """The post step (§1.4): images left empty take ``ratio{r}``, then ``none``."""
+    """The post step (docs/method.md §1.4): images left empty take ``ratio{r}``, then ``none``."""
     for fallback_ratio in (post_ratio, None):
         empty = np.bincount(image_of_box[keep], minlength=num_images) == 0  # [N]
         box_in_empty = empty[image_of_box]  # [M]

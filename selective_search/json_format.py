@@ -1,7 +1,7 @@
 """Import / export the original SoCo release's proposal JSON.
 
 The original format is one JSON object ``{"<basename without extension>": [[x, y, w, h], ...]}``
-(SOCO_SPEC §1.5), with the selective-search w = max_x - min_x; the store keeps
+(docs/method.md §1.5), with the selective-search w = max_x - min_x; the store keeps
 ``x2 = x + w - 1``, so the conversion is exact both ways.
 
 Examples::

@@ -1,4 +1,4 @@
-"""The proposal store: per-image boxes as flat, memory-mapped arrays (ARCHITECTURE.md §1).
+"""The proposal store: per-image boxes as flat, memory-mapped arrays (docs/selective_search.md).
 
 Layout of a store folder (conventionally named ``*.proposals``)::
 

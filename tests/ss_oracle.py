@@ -1,4 +1,4 @@
-"""Slow, literal implementation of SoCo's selective search (SOCO_SPEC.md §1.1).
+"""Slow, literal implementation of SoCo's selective search (docs/method.md §1.1).
 
 Written for readability, not speed: per-pixel loops for the boxes, a boolean
 mask per region for the histograms, numpy.histogram, a dict of similarities

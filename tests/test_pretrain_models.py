@@ -83,7 +83,7 @@ def test_loss_minimum_and_byol_convention():
 
 
 def _original_fpn_loss(model, views, boxes, corres):
-    """Literal transcription of the original per-(view, set, level) forward (spec §3.7)."""
+    """Literal transcription of the original per-(view, set, level) forward (docs/method.md §3.7)."""
     def embed(online):
         pre = "online" if online else "target"
         backbone = getattr(model, f"{pre}_backbone")

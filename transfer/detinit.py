@@ -1,4 +1,4 @@
-"""The detection-initialisation file (convert → finetune), brief contract ``soco-detection-init``.
+"""The detection-initialisation file (convert → finetune), format ``soco-detection-init`` (docs/convert.md).
 
 A plain dict loadable with ``torch.load(..., weights_only=True)``::
 

@@ -1,4 +1,4 @@
-"""SoCo pretraining data: multi-view, box-aware samples (SOCO_SPEC §2).
+"""SoCo pretraining data: multi-view, box-aware samples (docs/method.md §2).
 
 Usage::
 

@@ -1,4 +1,4 @@
-"""Photometric augmentations of the SoCo/BYOL views (SOCO_SPEC §2.3, §2.4 step 9).
+"""Photometric augmentations of the SoCo/BYOL views (docs/method.md §2.3, §2.4 step 9).
 
 * :data:`POST_1` / :data:`POST_2`: BYOL's asymmetric colour pipelines on PIL images
   (ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8 in torchvision's random op order, grayscale p 0.2,
@@ -7,7 +7,7 @@
   sample's ``numpy.random.Generator`` instead of torch's global generator, so one generator
   drives the whole sample.
 * :func:`to_normalized_tensor`: ToTensor + ImageNet Normalize.
-* :func:`cutout_in_boxes_`: the in-box cutout done as the original intended (§8 item 2):
+* :func:`cutout_in_boxes_`: the in-box cutout done as the original intended (docs/method.md §8 item 2):
   boxes are the *post-flip* normalised boxes scaled to the view's own size, sampling is on
   integers, so the hole lands inside the box that the model pools.
 """

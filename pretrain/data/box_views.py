@@ -1,5 +1,5 @@
 """Box geometry of SoCo views: proposal selection, jitter, clipping, padding, FPN-level
-assignment, correspondence, normalisation and flipping (SOCO_SPEC §2.4 steps 1-8).
+assignment, correspondence, normalisation and flipping (docs/method.md §2.4 steps 1-8).
 
 Box rows are ``[x1, y1, x2, y2, id]`` (float64 inside this module, ids 1..n over the image's
 proposal list). Pixel boxes use inclusive corners; ``boxes_norm`` are divided by the crop size

@@ -1,4 +1,4 @@
-"""Per-sample view pipelines: SoCo FPN / FPN* (§2.4), SoCo C4 (§2.5) and image-level BYOL.
+"""Per-sample view pipelines: SoCo FPN / FPN* (docs/method.md §2.4), SoCo C4 (§2.5) and image-level BYOL.
 
 A sample is built in two stages:
 

@@ -1,6 +1,6 @@
 """Crop parameters of the SoCo views: whole-image V1, random-resized crops, and resizing.
 
-Crop parameters follow the original release (SOCO_SPEC §2.2): ``(top, left, height, width,
+Crop parameters follow the original release (docs/method.md §2.2): ``(top, left, height, width,
 img_h, img_w)``; the crop rectangle is the inclusive pixel range
 ``[left, left + width - 1] x [top, top + height - 1]`` of the original image.
 

@@ -22,7 +22,7 @@ class OnlineTargetModel(nn.Module):
     ``EMA_PARTS`` (e.g. ``("backbone", "box_head", "projector")``) and call
     :meth:`_init_target`, which deep-copies each ``online_<part>`` into
     ``target_<part>`` (parameters and buffers), freezes it, and keeps it in
-    train mode (the target always normalises with batch statistics, spec §3.6).
+    train mode (the target always normalises with batch statistics, docs/method.md §3.6).
 
     The EMA is applied by the training loop, not inside ``forward``:
     ``model.update_target(tau_k)`` at the start of iteration k. The original

@@ -41,7 +41,7 @@ def ema_update_(pairs: Sequence[tuple[nn.Module, nn.Module]], momentum: float) -
     """``theta_t <- tau * theta_t + (1 - tau) * theta_o`` over parameters only.
 
     BN running statistics are not averaged (the target always uses batch
-    statistics, spec §3.6). One ``_foreach_lerp_`` kernel group instead of the
+    statistics, docs/method.md §3.6). One ``_foreach_lerp_`` kernel group instead of the
     original's Python loop that re-allocated every tensor.
 
     Args:

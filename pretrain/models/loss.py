@@ -1,4 +1,4 @@
-"""SoCo correspondence-weighted regression loss and the BYOL loss (spec §3.7)."""
+"""SoCo correspondence-weighted regression loss and the BYOL loss (docs/method.md §3.7)."""
 
 from __future__ import annotations
 

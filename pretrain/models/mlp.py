@@ -1,4 +1,4 @@
-"""Projector / predictor MLP of SoCo and BYOL (spec §3.5)."""
+"""Projector / predictor MLP of SoCo and BYOL (docs/method.md §3.5)."""
 
 from __future__ import annotations
 

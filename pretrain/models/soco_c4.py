@@ -1,4 +1,4 @@
-"""SoCo with a ResNet-C4 backbone and a res5 RoI head (SoCo_C4, spec §3.8).
+"""SoCo with a ResNet-C4 backbone and a res5 RoI head (SoCo_C4, docs/method.md §3.8).
 
 Wei et al., NeurIPS 2021 (https://arxiv.org/abs/2106.02637), released code
 ``hologerry/SoCo`` ``contrast/models/SoCo_C4.py``. Mirrors detectron2's

@@ -2,7 +2,7 @@
 
 Wei et al., "Aligning Pretraining for Detection via Object-Level Contrastive
 Learning", NeurIPS 2021 (https://arxiv.org/abs/2106.02637); behaviour of the
-released code ``hologerry/SoCo`` as described in SOCO_SPEC.md §3.
+released code ``hologerry/SoCo`` as described in docs/method.md §3.
 
 One iteration (SoCo_FPN, views V1 224², V2 224², V3 112²; box sets
 ``b1_12, b1_13`` of V1, ``b2`` of V2, ``b3`` of V3, each [N, L, 5])::
@@ -32,7 +32,7 @@ Execution modes (same math unless stated):
     pooled only at the level(s) where it has a correspondence (rows/columns of
     C with a match), and one head call per network normalises over those RoIs
     only. Same loss formula, about 4x less head compute, different BN batch
-    statistics than the original (spec §8 item 9).
+    statistics than the original (docs/method.md §8 item 9).
 
 SoCo_FPN* (``SoCo_FPN_Star``) adds V4 (V2 downsampled to 112²) with box sets
 ``b1_14`` / ``b4`` and V3 at 192²: six loss terms, minimum −12.
@@ -57,7 +57,7 @@ ROI_LEVEL_MODES = ("all", "assigned")
 
 
 def default_init_(module: nn.Module) -> nn.Module:
-    """PyTorch default init of every conv/linear/BN (the original head and MLPs, spec §3.4/3.5)."""
+    """PyTorch default init of every conv/linear/BN (the original head and MLPs, docs/method.md §3.4/3.5)."""
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)):
             m.reset_parameters()
@@ -245,7 +245,7 @@ class SoCo_FPN(OnlineTargetModel):
 
 
 class SoCo_FPN_Star(SoCo_FPN):
-    """SoCo_FPN* (spec §2.3, §3.7): four views, six loss terms (minimum −12).
+    """SoCo_FPN* (docs/method.md §2.3, §3.7): four views, six loss terms (minimum −12).
 
     Forward:
         views: ``[V1 224², V2 224², V3 192², V4 112²]`` (V4 = V2's crop at 112²).

@@ -6,8 +6,8 @@ DDP ``module.`` / ``torch.compile`` ``_orig_mod.`` wrapper prefix carried by *ev
 removed (the report keeps the original names). A key no rule matches is an error.
 
 Canonical prefixes are torchvision detection names (see :mod:`transfer.converters.expected`).
-References for every layout: ``shared/CHECKPOINT_FORMATS.md`` §1–§7 and the brief's
-pretraining-checkpoint contract.
+References for every layout: ``docs/checkpoint_formats.md`` §1–§7 and, for our own files, the
+pretraining-checkpoint layout in ``docs/pretrain.md``.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ PROTOTYPES = "prototypes"
 DUPLICATE = "duplicate alias"
 DETECTOR = "detector part not transferable (rpn/predictor/mask)"
 
-#: SwAV normalises with std 0.228 for R (CHECKPOINT_FORMATS §3).
+#: SwAV normalises with std 0.228 for R (docs/checkpoint_formats.md §3).
 SWAV_PIXEL = dict(PIXEL_CONVENTION, std=[0.228, 0.224, 0.225])
 
 

@@ -129,7 +129,7 @@ def _select(ex: Extraction, arch: str, parts: tuple[str, ...]) -> tuple[dict, di
 
 
 def pixel_hints(pixel: dict, target: str) -> dict:
-    """Config values a detectron2 / MMDetection user must set for these weights (spec §7, §9)."""
+    """Config values a detectron2 / MMDetection user must set for these weights (docs/method.md §7, §9)."""
     scale = 255.0 / float(pixel["range"])
     mean = [round(m * scale, 3) for m in pixel["mean"]]
     std = [round(s * scale, 3) for s in pixel["std"]]

@@ -3,7 +3,7 @@
 Every rule has an inverse, so a file written in any target format can be read back; the
 :func:`key_table` built for a conversion is checked to be injective and to invert exactly.
 
-torchvision → detectron2 (CHECKPOINT_FORMATS §8(a), SOCO_SPEC §6.1–6.2), bare names as the
+torchvision → detectron2 (docs/checkpoint_formats.md §8(a), docs/method.md §6.1–6.2), bare names as the
 original SoCo/MoCo converters wrote them (``matching_heuristics`` suffix matching):
 
 ======================================  ==========================================
