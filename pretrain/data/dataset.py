@@ -16,12 +16,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pretrain.data.pipelines import SET_PAIRS, SET_VIEWS, PipelineConfig, make_geometry, make_tensors
+from pretrain.data.pipelines import PipelineConfig, make_geometry, make_tensors
+from pretrain.topology import LAYOUT_TOPOLOGY, TOPOLOGIES
 from socokit.images import ImageError, load_rgb
 from socokit.log import get_logger
 from socokit.proposal_store import ProposalStore
 
-ARCHS = ("SoCo_FPN", "SoCo_FPN_Star", "SoCo_C4", "BYOL")
+ARCHS = tuple(TOPOLOGIES)
 AUGS = ("ImageAsymBboxAwareMultiJitter1", "ImageAsymBboxAwareMultiJitter1Cutout",
         "ImageAsymBboxAwareMulti3ResizeExtraJitter1", "ImageAsymBboxCutout", "BYOL")
 #: The aug of the released scripts for each arch (FPN: the 400-epoch recipe).
@@ -34,7 +35,7 @@ AUG_LAYOUT = {"ImageAsymBboxAwareMultiJitter1": ("fpn", ()),
               "ImageAsymBboxAwareMulti3ResizeExtraJitter1": ("fpn_star", ()),
               "ImageAsymBboxCutout": ("c4", (1,)),
               "BYOL": ("byol", ())}
-ARCH_LAYOUT = {"SoCo_FPN": "fpn", "SoCo_FPN_Star": "fpn_star", "SoCo_C4": "c4", "BYOL": "byol"}
+ARCH_LAYOUT = {arch: t.layout for arch, t in TOPOLOGIES.items()}
 
 _log = get_logger("pretrain.data")
 
@@ -60,10 +61,7 @@ class UnreadableImagesError(RuntimeError):
 
 def view_pairs_for(layout: str) -> list[ViewPair]:
     """The :class:`ViewPair` list of a layout (see ``pretrain.data`` docstring)."""
-    if layout == "byol":
-        return [ViewPair(0, None, 1, None, None)]
-    views = SET_VIEWS[layout]
-    return [ViewPair(views[a], a, views[b], b, i) for i, (a, b) in enumerate(SET_PAIRS[layout])]
+    return [ViewPair(*pair) for pair in LAYOUT_TOPOLOGY[layout].view_pairs()]
 
 
 class PretrainDataset(Dataset):
@@ -88,7 +86,7 @@ class PretrainDataset(Dataset):
         self.arch, self.aug = arch, aug
         self.max_replace_tries = max_replace_tries
         self.view_sizes = list(config.view_sizes)
-        self.box_set_views = list(SET_VIEWS[config.layout])
+        self.box_set_views = list(LAYOUT_TOPOLOGY[config.layout].set_views)
         self.view_pairs = view_pairs_for(config.layout)
         self.num_levels = {"c4": 1, "byol": 0}.get(config.layout, config.num_levels)
         self.colour_aug = True

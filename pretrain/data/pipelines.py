@@ -9,12 +9,9 @@ A sample is built in two stages:
 2. :func:`make_tensors` -- colour (post_1 for V1, post_2 for the others), ToTensor+Normalize,
    and the in-box cutout on the configured views.
 
-Box sets and pairs per layout (box-set index: view index):
-
-* ``fpn``:      sets [b1_12:0, b1_13:0, b2:1, b3:2], pairs (0, 2), (1, 3)
-* ``fpn_star``: sets [b1_12:0, b1_13:0, b1_14:0, b2:1, b3:2, b4:3], pairs (0, 3), (1, 4), (2, 5)
-* ``c4``:       sets [b1:0, b2:1], pair (0, 1), plain L x L correspondence
-* ``byol``:     no boxes
+Box sets and pairs per layout are defined in :mod:`pretrain.topology` (the models read the same
+definition): ``fpn`` sets [b1_12, b1_13, b2, b3], ``fpn_star`` [b1_12, b1_13, b1_14, b2, b3, b4],
+``c4`` [b1, b2] with a plain L x L correspondence, ``byol`` no boxes.
 """
 from __future__ import annotations
 
@@ -27,12 +24,14 @@ from PIL import Image
 from pretrain.data import box_views as bv
 from pretrain.data.augment import POST_1, POST_2, cutout_in_boxes_, to_normalized_tensor
 from pretrain.data.views import crop_resize, sample_rrc_params, whole_image_params
+from pretrain.topology import LAYOUT_TOPOLOGY
 
-LAYOUTS = ("fpn", "fpn_star", "c4", "byol")
+LAYOUTS = tuple(LAYOUT_TOPOLOGY)
 
-#: box-set index -> view index, and (set_a, set_b) pairs, per layout.
-SET_VIEWS = {"fpn": (0, 0, 1, 2), "fpn_star": (0, 0, 0, 1, 2, 3), "c4": (0, 1), "byol": ()}
-SET_PAIRS = {"fpn": ((0, 2), (1, 3)), "fpn_star": ((0, 3), (1, 4), (2, 5)), "c4": ((0, 1),), "byol": ()}
+#: box-set index -> view index, and (set_a, set_b) pairs, per layout: read from
+#: ``pretrain.topology``, the single definition the models read too.
+SET_VIEWS = {layout: t.set_views for layout, t in LAYOUT_TOPOLOGY.items()}
+SET_PAIRS = {layout: t.pairs for layout, t in LAYOUT_TOPOLOGY.items()}
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from pretrain.models.base import HEAD_MODES, OnlineTargetModel
 from pretrain.models.grouped_bn import batch_norm_groups
 from pretrain.models.loss import byol_pair_loss
 from pretrain.models.mlp import MLP
+from pretrain.topology import topology_of
 from socokit.backbones import build_fpn_backbone
 
 __all__ = ["BYOL"]
@@ -48,6 +49,7 @@ class BYOL(OnlineTargetModel):
     """
 
     ARCH = "BYOL"
+    TOPOLOGY = topology_of(ARCH)  # shared with the data pipeline: two views, no boxes
     EMA_PARTS = ("backbone", "projector")
 
     def __init__(self, backbone: str = "resnet50", head_mode: str = "faithful",
@@ -69,8 +71,8 @@ class BYOL(OnlineTargetModel):
 
     def forward(self, views: list[torch.Tensor], boxes: list | None = None,
                 corres: list | None = None) -> dict[str, torch.Tensor]:
-        if len(views) != 2 or boxes or corres:
-            raise ValueError(f"BYOL expects 2 views and no boxes/correspondences, got "
+        if len(views) != self.TOPOLOGY.num_views or boxes or corres:
+            raise ValueError(f"BYOL expects {self.TOPOLOGY.num_views} views and no boxes/correspondences, got "
                              f"{len(views)} views, {len(boxes or [])} box sets, {len(corres or [])} corres")
         q1, q2 = self._embed(views, online=True)  # N, D each
         with torch.no_grad():

@@ -32,6 +32,7 @@ from pretrain.models.base import HEAD_MODES, OnlineTargetModel, roi_align_norm
 from pretrain.models.grouped_bn import batch_norm_groups
 from pretrain.models.loss import soco_pair_loss
 from pretrain.models.mlp import MLP
+from pretrain.topology import topology_of
 from socokit.backbones import build_c4_backbone, build_res5_head
 
 __all__ = ["SoCo_C4"]
@@ -59,6 +60,7 @@ class SoCo_C4(OnlineTargetModel):
     """
 
     ARCH = "SoCo_C4"
+    TOPOLOGY = topology_of(ARCH)  # shared with the data pipeline: sets [b1:V1, b2:V2], pair (b1, b2)
     EMA_PARTS = ("backbone", "box_head", "projector")
 
     def __init__(self, backbone: str = "resnet50", head_mode: str = "faithful", pooler_resolution: int = 14,
@@ -80,19 +82,22 @@ class SoCo_C4(OnlineTargetModel):
 
     def forward(self, views: list[torch.Tensor], boxes: list[torch.Tensor],
                 corres: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        if len(views) != 2 or len(boxes) != 2 or len(corres) != 1:
-            raise ValueError(f"SoCo_C4 expects 2 views, 2 box sets and 1 correspondence, "
-                             f"got {len(views)}, {len(boxes)}, {len(corres)}")
-        n, l = boxes[0].shape[:2]
-        if tuple(boxes[1].shape[:2]) != (n, l) or tuple(corres[0].shape) != (n, l, l):
+        topo = self.TOPOLOGY
+        if len(views) != topo.num_views or len(boxes) != topo.num_sets or len(corres) != len(topo.pairs):
+            raise ValueError(f"SoCo_C4 expects {topo.num_views} views, {topo.num_sets} box sets and "
+                             f"{len(topo.pairs)} correspondence, got {len(views)}, {len(boxes)}, {len(corres)}")
+        (a, b), = topo.pairs
+        n, l = boxes[a].shape[:2]
+        if tuple(boxes[b].shape[:2]) != (n, l) or tuple(corres[0].shape) != (n, l, l):
             raise ValueError(f"expected boxes [N, L, 5] and corres [N, L, L] with N={n}, L={l}, got "
-                             f"{tuple(boxes[1].shape)} and {tuple(corres[0].shape)}")
-        q1, q2 = self._embed(views, boxes, online=True)  # N, L, D each
+                             f"{tuple(boxes[b].shape)} and {tuple(corres[0].shape)}")
+        view_of_set = [views[v] for v in topo.set_views]
+        q = self._embed(view_of_set, boxes, online=True)  # per box set: N, L, D
         with torch.no_grad():
-            z1, z2 = self._embed(views, boxes, online=False)
+            z = self._embed(view_of_set, boxes, online=False)
         c = corres[0].float()
-        l12 = soco_pair_loss(q1, z2, c)
-        l21 = soco_pair_loss(q2, z1, c.transpose(1, 2))
+        l12 = soco_pair_loss(q[a], z[b], c)
+        l21 = soco_pair_loss(q[b], z[a], c.transpose(1, 2))
         return {"loss": l12 + l21, "loss_12": l12.detach(), "loss_21": l21.detach(),
                 "matches": c.sum(dim=(1, 2)).mean().detach()}
 

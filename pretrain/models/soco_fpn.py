@@ -49,6 +49,7 @@ from pretrain.models.base import HEAD_MODES, OnlineTargetModel, roi_align_norm, 
 from pretrain.models.grouped_bn import batch_norm_groups
 from pretrain.models.loss import soco_pair_loss
 from pretrain.models.mlp import MLP
+from pretrain.topology import topology_of
 from socokit.backbones import build_box_head, build_fpn_backbone
 
 __all__ = ["SoCo_FPN", "SoCo_FPN_Star", "ROI_LEVEL_MODES"]
@@ -94,10 +95,11 @@ class SoCo_FPN(OnlineTargetModel):
     """
 
     ARCH = "SoCo_FPN"
-    NUM_VIEWS = 3
-    SET_VIEWS = (0, 0, 1, 2)  # view index of each box set: b1_12, b1_13, b2, b3
-    PAIRS = ((0, 2), (1, 3))  # (V1 set, Vk set) of corres[k]
-    PAIR_VIEWS = ("12", "13")
+    TOPOLOGY = topology_of(ARCH)  # shared with the data pipeline
+    NUM_VIEWS = TOPOLOGY.num_views  # 3
+    SET_VIEWS = TOPOLOGY.set_views  # view index of each box set: b1_12, b1_13, b2, b3
+    PAIRS = TOPOLOGY.pairs  # (V1 set, Vk set) of corres[k]
+    PAIR_VIEWS = TOPOLOGY.pair_names
     NUM_LEVELS = 4  # P2..P5
     EMA_PARTS = ("backbone", "box_head", "projector")
 
@@ -254,7 +256,8 @@ class SoCo_FPN_Star(SoCo_FPN):
     """
 
     ARCH = "SoCo_FPN_Star"
-    NUM_VIEWS = 4
-    SET_VIEWS = (0, 0, 0, 1, 2, 3)
-    PAIRS = ((0, 3), (1, 4), (2, 5))
-    PAIR_VIEWS = ("12", "13", "14")
+    TOPOLOGY = topology_of(ARCH)
+    NUM_VIEWS = TOPOLOGY.num_views  # 4
+    SET_VIEWS = TOPOLOGY.set_views  # b1_12, b1_13, b1_14, b2, b3, b4
+    PAIRS = TOPOLOGY.pairs
+    PAIR_VIEWS = TOPOLOGY.pair_names
