@@ -114,7 +114,7 @@ def evaluate(model_without_ddp, loader, evaluator, device, amp: str, output_dir:
         atomic_save_json(metrics, os.path.join(output_dir, "metrics.json"))
         atomic_save_json(metrics, os.path.join(output_dir, "eval", f"metrics_{iteration:07d}.json"))
     for task in ("bbox", "segm"):
-        if task in metrics:
+        if metrics.get(task):
             logger.info("iter %d %s: %s", iteration, task, "  ".join(
                 f"{k} {v:.2f}" if v is not None else f"{k} n/a" for k, v in metrics[task].items()))
     return metrics
@@ -138,7 +138,7 @@ def _after_step(model, model_without_ddp, state: TrainState, device, output_dir,
         return None
     metrics = eval_fn(state.iteration)
     if tb is not None:
-        tb.scalars({f"{task}/{k}": v for task in ("bbox", "segm") if task in metrics
+        tb.scalars({f"{task}/{k}": v for task in ("bbox", "segm") if metrics.get(task)
                     for k, v in metrics[task].items() if v is not None}, state.iteration)
     set_train_mode(model, state.norm_eval)
     return metrics

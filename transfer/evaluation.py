@@ -23,8 +23,15 @@ from pycocotools import mask as mask_utils
 
 from socokit import distributed as sdist
 from socokit.log import get_logger
+from transfer.data.annotations import gt_area_presence
 
 logger = get_logger("soco.finetune")
+
+
+class EvaluationError(RuntimeError):
+    """Scoring failed (message names the cause); the weights being evaluated are unaffected."""
+
+
 COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 LVIS_KEYS = COCO_KEYS + ("APr", "APc", "APf")
 
@@ -72,8 +79,8 @@ def coco_metrics(coco_gt, results: list[dict], iou_type: str, image_ids: list[in
     from pycocotools.cocoeval import COCOeval
 
     if not results:
-        logger.warning("no %s detections: AP is 0", iou_type)
-        return {k: 0.0 for k in COCO_KEYS}
+        logger.warning("no %s detections: AP is 0 where the images have ground truth", iou_type)
+        return empty_metrics(coco_gt, image_ids, "coco")
     if iou_type == "segm":
         results = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
     with contextlib.redirect_stdout(io.StringIO()):
@@ -87,6 +94,20 @@ def coco_metrics(coco_gt, results: list[dict], iou_type: str, image_ids: list[in
         ev.summarize()
     logger.info("COCO %s evaluation:\n%s", iou_type, buf.getvalue().rstrip())
     return {k: _clean(v) for k, v in zip(COCO_KEYS, ev.stats[:6])}
+
+
+def empty_metrics(api, image_ids: list[int], kind: str = "coco") -> dict:
+    """The metrics of zero detections, as the evaluators define them.
+
+    With no detections AP is 0 for every bucket that has ground truth among ``image_ids`` and
+    undefined (``None``) for a bucket without any (e.g. ``APl`` on a set without large objects),
+    which is what COCOeval / LVISEval report when run on one detection that matches nothing.
+    """
+    present = gt_area_presence(api, image_ids, kind)
+    bucket = {"AP": "all", "AP50": "all", "AP75": "all", "APs": "small", "APm": "medium",
+              "APl": "large", "APr": "r", "APc": "c", "APf": "f"}
+    keys = LVIS_KEYS if kind == "lvis" else COCO_KEYS
+    return {k: 0.0 if present[bucket[k]] else None for k in keys}
 
 
 @contextlib.contextmanager
@@ -108,8 +129,8 @@ def lvis_metrics(lvis_gt, results: list[dict], iou_type: str, image_ids: list[in
     from lvis import LVISEval, LVISResults
 
     if not results:
-        logger.warning("no %s detections: AP is 0", iou_type)
-        return {k: 0.0 for k in LVIS_KEYS}
+        logger.warning("no %s detections: AP is 0 where the images have ground truth", iou_type)
+        return empty_metrics(lvis_gt, image_ids, "lvis")
     if iou_type == "segm":  # LVISResults recomputes area from the mask only without a bbox
         results = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
     lvis_log = logging.getLogger("lvis.results")
@@ -135,12 +156,16 @@ class DetectionEvaluator:
         with_masks: evaluate ``segm`` as well as ``bbox``.
         kind: "coco" or "lvis".
         max_dets: LVIS detections per image (300 in the LVIS protocol).
+        segm_skipped: reason why mask AP is not computed although the detector predicts masks
+            (a box-only annotation file): ``segm`` is then ``None`` and the reason is recorded
+            under ``segm_skipped``.
     """
 
     def __init__(self, api, label_to_category: list, with_masks: bool, kind: str = "coco",
-                 max_dets: int = 300):
+                 max_dets: int = 300, segm_skipped: str | None = None):
         self.api, self.label_to_category = api, list(label_to_category)
-        self.with_masks, self.kind, self.max_dets = with_masks, kind, max_dets
+        self.with_masks, self.kind, self.max_dets = with_masks and not segm_skipped, kind, max_dets
+        self.segm_skipped = segm_skipped
         self.reset()
 
     def reset(self) -> None:
@@ -165,17 +190,31 @@ class DetectionEvaluator:
             ``{"bbox": {...}, "segm": {...}, "num_images": n, "num_unreadable": u}``.
         """
         gathered = sdist.all_gather_object((self.results, self.image_ids, self.num_unreadable))
-        metrics = None
+        metrics, error = None, None
         if sdist.is_main_process():
-            results = [r for part in gathered for r in part[0]]
-            image_ids = [i for part in gathered for i in part[1]]
-            unreadable = sum(part[2] for part in gathered)
-            metrics = {"num_images": len(image_ids), "num_unreadable": unreadable}
-            score = lvis_metrics if self.kind == "lvis" else coco_metrics
-            extra = {"max_dets": self.max_dets} if self.kind == "lvis" else {}
-            for iou_type in (("bbox", "segm") if self.with_masks else ("bbox",)):
-                metrics[iou_type] = score(self.api, results, iou_type, image_ids, **extra)
-        return sdist.broadcast_object(metrics)
+            try:
+                metrics = self._score(gathered)
+            except Exception as e:  # noqa: BLE001 - sent to every rank, which all raise it
+                logger.exception("scoring failed")
+                error = f"{type(e).__name__}: {e}"
+        metrics, error = sdist.broadcast_object((metrics, error))
+        if error is not None:
+            raise EvaluationError(f"scoring the detections failed: {error}")
+        return metrics
+
+    def _score(self, gathered) -> dict:
+        """Rank 0: score the gathered (results, image ids, unreadable count) of every rank."""
+        results = [r for part in gathered for r in part[0]]
+        image_ids = [i for part in gathered for i in part[1]]
+        unreadable = sum(part[2] for part in gathered)
+        metrics = {"num_images": len(image_ids), "num_unreadable": unreadable}
+        score = lvis_metrics if self.kind == "lvis" else coco_metrics
+        extra = {"max_dets": self.max_dets} if self.kind == "lvis" else {}
+        for iou_type in (("bbox", "segm") if self.with_masks else ("bbox",)):
+            metrics[iou_type] = score(self.api, results, iou_type, image_ids, **extra)
+        if self.segm_skipped:
+            metrics["segm"], metrics["segm_skipped"] = None, self.segm_skipped
+        return metrics
 
 
 @torch.no_grad()

@@ -18,14 +18,16 @@ import torch
 from socokit import distributed as sdist
 from socokit.checkpoint import latest_checkpoint, load_checkpoint, restore_rng_state
 from socokit.config import add_config_argument, config_to_dict, parse_args_with_config, save_config
-from socokit.fileio import CheckpointError, check_writable_dir
+from socokit.fileio import CheckpointError, atomic_save_json, check_writable_dir
 from socokit.log import setup_logging
 from socokit.training import AMP_CHOICES, TensorboardWriter, make_grad_scaler, seed_everything
-from transfer.data import build_test_loader, build_train_loader, load_split
+from transfer.categories import (REMAP_CHOICES, CategoryMismatchError, label_to_category, match_categories,
+                                  plain_categories, relabel_records)
+from transfer.data import AnnotationError, build_test_loader, build_train_loader, load_split
 from transfer.engine import TrainState, evaluate, train
-from transfer.evaluation import DetectionEvaluator
+from transfer.evaluation import DetectionEvaluator, EvaluationError
 from transfer.models import DETECTORS, apply_frozen_stages, build_detector, has_masks
-from transfer.models.init_weights import initialise_detector
+from transfer.models.init_weights import SUPERVISED_PREFIX, initialise_detector
 from transfer.models.norms import NORMS, PARTS
 from transfer.solver import SCHEDULES, build_optimizer, resolve_schedule
 
@@ -47,6 +49,10 @@ def _add_data_args(d) -> None:
     d.add_argument("--train-ann", help="training annotation json (COCO format or LVIS v1)")
     d.add_argument("--val-images", help="folder of the evaluation images")
     d.add_argument("--val-ann", help="evaluation annotation json")
+    d.add_argument("--remap-categories", default="none", choices=REMAP_CHOICES,
+                   help="when the categories of the weights (--weights, --resume, a detector --init) or of "
+                        "the val file differ from the dataset's by id or name: refuse (none) or match them "
+                        "by name (by-name)")
     d.add_argument("--filter-empty", action=argparse.BooleanOptionalAction, default=True,
                    help="drop training images without usable annotations (detectron2 default)")
     d.add_argument("--repeat-threshold", type=float, default=0.0,
@@ -198,39 +204,88 @@ def build_model(args, dist, num_classes: int, pixel: dict | None = None):
     return model, pixel, report
 
 
-def _load_categories(args):
-    val_records, categories, api = load_split(args.val_images, args.val_ann, args.dataset_kind)
-    train_records = None
-    if not args.eval_only:
-        train_records, train_cats, _ = load_split(args.train_images, args.train_ann, args.dataset_kind)
-        if [c["id"] for c in train_cats] != [c["id"] for c in categories]:
-            raise SystemExit(f"error: {args.train_ann} and {args.val_ann} have different category ids")
-    return train_records, val_records, categories, api
+def _load_datasets(args, dist, logger):
+    """Validated train (None with --eval-only) and val annotation sets; reports logged and saved."""
+    val = load_split(args.val_images, args.val_ann, args.dataset_kind)
+    train = None if args.eval_only else load_split(args.train_images, args.train_ann, args.dataset_kind)
+    for split, ds in (("train", train), ("val", val)):
+        if ds is None:
+            continue
+        logger.info("annotations (%s) %s", split, ds.report.summary_line())
+        if dist.is_main:
+            atomic_save_json(ds.report.to_dict(), os.path.join(args.output_dir, f"annotations_{split}.json"))
+    return train, val
+
+
+def _read_checkpoint(path: str, what: str) -> dict:
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from e
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise SystemExit(f"error: {path}: not a fine-tuning checkpoint (no 'model' entry) for {what}")
+    return ckpt
+
+
+def _detector_init(args) -> dict | None:
+    """A fine-tuned detector checkpoint given as ``--init`` (all weights, categories compared)."""
+    spec = args.init
+    if spec in (None, "", "scratch") or spec.startswith(SUPERVISED_PREFIX) or not os.path.isfile(spec):
+        return None
+    try:
+        obj = load_checkpoint(spec)
+    except CheckpointError:
+        return None  # initialise_detector reports it with the detection-init contract
+    return obj if isinstance(obj, dict) and obj.get("format") == "soco-finetune" else None
+
+
+def resolve_categories(args, logger, train, val, weights: dict | None, weights_name: str):
+    """Match the datasets' categories to the weights' (or the training set's) label order.
+
+    Relabels the records of ``train`` / ``val`` in place and returns (model categories with the
+    training set's ids, or the val set's for --eval-only; label → val category id list).
+
+    Raises:
+        CategoryMismatchError: the categories differ (and --remap-categories by-name cannot fix it).
+    """
+    if weights is not None:
+        saved = weights.get("categories")
+        if not saved:
+            raise CategoryMismatchError(f"{weights_name}: the checkpoint records no categories, so "
+                                        "they cannot be compared with the dataset's")
+        ref, ref_name = plain_categories(saved), weights_name
+    else:
+        ref, ref_name = plain_categories(train.categories), args.train_ann
+    mapped = {}
+    for split, ds, ann in (("train", train, args.train_ann), ("val", val, args.val_ann)):
+        if ds is None:
+            continue
+        mapped[split], message = match_categories(ref, ds.categories, remap=args.remap_categories,
+                                                  ckpt_name=ref_name, data_name=ann)
+        (logger.warning if "remapped" in message else logger.info)(message)
+        relabel_records(ds.records, ds.categories, mapped[split])
+    return mapped.get("train", mapped["val"]), label_to_category(mapped["val"])
 
 
 def run(args, dist, logger) -> dict | None:
-    train_records, val_records, categories, api = _load_categories(args)
-    label_to_category = [0] + [c["id"] for c in categories]
-    num_classes = len(categories) + 1
+    train, val = _load_datasets(args, dist, logger)
     resume = args.resume or (latest_checkpoint(args.output_dir) if args.auto_resume else None)
     source = (args.weights or resume) if args.eval_only else resume
-    ckpt = None
-    if source:
-        try:
-            ckpt = load_checkpoint(source)
-        except CheckpointError as e:
-            raise SystemExit(f"error: {e}") from e
-        if not isinstance(ckpt, dict) or "model" not in ckpt:
-            raise SystemExit(f"error: {source}: not a fine-tuning checkpoint (no 'model' entry)")
-    elif args.eval_only:
+    ckpt = _read_checkpoint(source, "evaluation" if args.eval_only else "resuming") if source else None
+    if ckpt is None and args.eval_only:
         raise SystemExit("error: --eval-only needs --weights, --resume or a checkpoint in --output-dir")
-    model, pixel, report = build_model(args, dist, num_classes, pixel=ckpt.get("pixel") if ckpt else None)
-    if ckpt is not None:
+    init_ckpt = None if ckpt is not None or args.eval_only else _detector_init(args)
+    weights, weights_name = (ckpt, source) if ckpt is not None else (init_ckpt, args.init)
+    categories, l2c = resolve_categories(args, logger, train, val, weights, weights_name)
+    num_classes = len(categories) + 1
+    model, pixel, report = build_model(args, dist, num_classes, pixel=weights.get("pixel") if weights else None)
+    if weights is not None:
         try:
-            model.load_state_dict(ckpt["model"], strict=True)
+            model.load_state_dict(weights["model"], strict=True)
         except RuntimeError as e:
-            raise SystemExit(f"error: {source}: weights do not fit this detector: {str(e)[:800]}") from e
-        logger.info("loaded %s (iteration %s)", source, ckpt.get("iteration"))
+            raise SystemExit(f"error: {weights_name}: weights do not fit this detector: {str(e)[:800]}") from e
+        logger.info("loaded %s (iteration %s)%s", weights_name, weights.get("iteration"),
+                    " as the initialisation (fresh optimizer, iteration 0)" if init_ckpt is not None else "")
     else:
         logger.info("init %s: %d tensors loaded for parts %s; %d detector tensors newly initialised%s",
                     args.init, report["loaded"], report["parts"], len(report["new"]),
@@ -240,18 +295,30 @@ def run(args, dist, logger) -> dict | None:
     model.transform.channels_last = channels_last
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     seed_everything(args.seed, dist.rank)
-    test_loader, _ = build_test_loader(val_records, args.val_images, rank=dist.rank, world_size=dist.world_size,
+    test_loader, _ = build_test_loader(val.records, args.val_images, rank=dist.rank, world_size=dist.world_size,
                                        num_workers=args.num_workers, max_images=args.eval_max_images,
                                        pin_memory=device.type == "cuda")
-    evaluator = DetectionEvaluator(api, label_to_category, has_masks(args.detector), args.dataset_kind,
-                                   args.lvis_max_dets)
+    masks = has_masks(args.detector)
+    evaluator = DetectionEvaluator(
+        api=val.api, label_to_category=l2c, with_masks=masks, kind=args.dataset_kind,
+        max_dets=args.lvis_max_dets,
+        segm_skipped=(f"{args.val_ann} has no segmentation (box-only): mask AP is undefined"
+                      if masks and not val.report.has_segmentation else None))
 
     def eval_fn(iteration):
-        return evaluate(model, test_loader, evaluator, device, args.amp, args.output_dir, iteration)
+        try:
+            return evaluate(model, test_loader, evaluator, device, args.amp, args.output_dir, iteration)
+        except Exception as e:  # noqa: BLE001 - any evaluator failure is reported with its cause
+            saved = args.weights if args.eval_only else os.path.join(args.output_dir, "model_final.pth")
+            logger.exception("evaluation at iteration %d failed", iteration)
+            raise EvaluationError(
+                f"evaluation at iteration {iteration} failed ({type(e).__name__}: {e}); the weights are "
+                f"saved ({saved} once training has finished, else {args.output_dir}/current.pth); rerun "
+                f"only the evaluation with --eval-only --weights <that file>") from e
 
     if args.eval_only:
         return eval_fn(int(ckpt.get("iteration", 0)))
-    return run_training(args, dist, logger, model, ckpt, train_records, eval_fn,
+    return run_training(args, dist, logger, model, ckpt, train.records, eval_fn,
                         extra={"pixel": pixel, "categories": categories, "detector": args.detector,
                                "backbone": args.backbone, "config": config_to_dict(args)})
 
@@ -316,7 +383,10 @@ def main(argv=None) -> dict | None:
         logger = setup_logging(args.output_dir, dist.rank, "soco")
         if dist.is_main:
             save_config(args, os.path.join(args.output_dir, "config.yaml"))
-        return run(args, dist, logger)
+        try:
+            return run(args, dist, logger)
+        except (AnnotationError, CategoryMismatchError, EvaluationError) as e:
+            raise SystemExit(f"error: {e}") from e
     finally:
         sdist.cleanup_distributed()
 

@@ -7,19 +7,25 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader
 
 from socokit.training import seed_worker
-from transfer.data.coco import DetectionDataset, collate_detection, load_annotation_index
+from transfer.data.annotations import AnnotationError, AnnotationReport
+from transfer.data.coco import AnnotationSet, DetectionDataset, collate_detection, load_annotation_index
 from transfer.data.samplers import InferenceSampler, InfiniteSampler, repeat_factors
 from transfer.data.transforms import DetectionTransform
 
-__all__ = ["DetectionDataset", "DetectionTransform", "InferenceSampler", "InfiniteSampler",
+__all__ = ["AnnotationError", "AnnotationReport", "AnnotationSet", "DetectionDataset", "DetectionTransform", "InferenceSampler", "InfiniteSampler",
            "build_test_loader", "build_train_loader", "load_annotation_index", "load_split"]
 
 
 def load_split(image_root: str, ann_file: str, kind: str = "coco"):
-    """(records, categories, api) of one split, checking the image folder exists."""
+    """The validated :class:`~transfer.data.coco.AnnotationSet` of one split (unpacks as
+    records, categories, api), checking the image folder exists.
+
+    Raises:
+        AnnotationError: the annotation file is missing or cannot be repaired.
+    """
     if not os.path.isdir(image_root):
         raise SystemExit(f"error: image folder {image_root!r} not found")
-    return load_annotation_index(ann_file, kind)
+    return load_annotation_index(ann_file, kind, image_root=image_root)
 
 
 def build_train_loader(records: list, image_root: str, *, batch_size: int, seed: int, rank: int,

@@ -6,11 +6,10 @@ polygons or RLE, iscrowd) and ``categories``. Category ids are mapped to contigu
 ``1..K`` (0 is the background of the R-CNN heads); ``label_to_category`` maps back for
 evaluation. LVIS v1 files are read with the ``lvis`` package; their images are named by the
 last two parts of ``coco_url`` (``train2017/000000391895.jpg``) under the image root.
+Every file is validated and normalised first (:mod:`transfer.data.annotations`).
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import random
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from torch.utils.data import Dataset
 
 from socokit.images import ImageError, load_rgb
 from socokit.log import get_logger
+from transfer.data.annotations import AnnotationReport, build_api, read_json, validate_dataset
 from transfer.data.transforms import DetectionTransform
 
 logger = get_logger("soco.finetune")
@@ -37,19 +37,12 @@ class ImageRecord:
 
 
 def _ann_to_entry(ann: dict, cat_to_label: dict) -> dict | None:
-    """COCO annotation → training entry, or None for crowd / unknown category / empty box."""
-    if ann.get("iscrowd", 0) or ann.get("ignore", 0):
+    """Validated COCO annotation → training entry, or None for crowd / ignored regions."""
+    if ann["iscrowd"] or ann.get("ignore", 0):
         return None
-    if ann["category_id"] not in cat_to_label:
-        return None
-    x, y, w, h = (float(v) for v in ann["bbox"])
-    if not (w > 0 and h > 0):
-        return None
-    segm = ann.get("segmentation")
-    if not segm:  # no mask given: the box itself is the mask
-        segm = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+    x, y, w, h = ann["bbox"]
     return {"boxes_xyxy": [x, y, x + w, y + h], "label": cat_to_label[ann["category_id"]],
-            "segmentation": segm}
+            "segmentation": ann["segmentation"]}
 
 
 def _lvis_file_name(img: dict) -> str:
@@ -58,34 +51,48 @@ def _lvis_file_name(img: dict) -> str:
     return "/".join(img["coco_url"].split("/")[-2:])
 
 
-def load_annotation_index(ann_file: str, kind: str = "coco"):
-    """Read an annotation file into records.
+@dataclass
+class AnnotationSet:
+    """One loaded split. Unpacks as ``records, categories, api = ...`` (the first three fields).
+
+    Attributes:
+        records: ImageRecord list in image-id order.
+        categories: category dicts sorted by id (label ``i + 1`` is ``categories[i]``).
+        api: pycocotools ``COCO`` or ``lvis.LVIS`` over the normalised annotations.
+        report: what validation repaired and dropped.
+    """
+
+    records: list
+    categories: list
+    api: object
+    report: AnnotationReport
+
+    def __iter__(self):
+        return iter((self.records, self.categories, self.api))
+
+
+def load_annotation_index(ann_file: str, kind: str = "coco", image_root: str | None = None) -> AnnotationSet:
+    """Read, validate and normalise an annotation file into records.
+
+    Validation (:func:`transfer.data.annotations.validate_dataset`) runs first, so the
+    evaluator later sees the same normalised annotations as training.
 
     Args:
         ann_file: COCO-format or LVIS v1 json.
         kind: "coco" (pycocotools) or "lvis" (the ``lvis`` package).
+        image_root: image folder, used only to read image sizes missing from the file.
 
     Returns:
-        (records list[ImageRecord] in image-id order, categories list[dict] sorted by id,
-        api object (pycocotools ``COCO`` or ``lvis.LVIS``) for evaluation).
+        :class:`AnnotationSet` (unpacks as records, categories, api).
 
     Raises:
-        SystemExit: the file is missing or not a valid annotation file.
+        AnnotationError: the file is missing, not JSON, or holds a problem that cannot be
+            repaired (the message names the file, the entry and the field).
     """
-    if not os.path.isfile(ann_file):
-        raise SystemExit(f"error: annotation file {ann_file!r} not found")
-    try:
-        if kind == "lvis":
-            from lvis import LVIS
-            api = LVIS(ann_file)
-            imgs, anns_by_img, cats = api.imgs, api.img_ann_map, api.cats
-        else:
-            from pycocotools.coco import COCO
-            with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-                api = COCO(ann_file)
-            imgs, anns_by_img, cats = api.imgs, api.imgToAnns, api.cats
-    except (ValueError, KeyError, TypeError, AssertionError, AttributeError) as e:
-        raise SystemExit(f"error: {ann_file}: not a valid {kind.upper()} annotation file ({e!r})") from e
+    data, report = validate_dataset(read_json(ann_file), ann_file, kind, image_root)
+    api = build_api(data, kind)
+    imgs, cats = api.imgs, api.cats
+    anns_by_img = api.img_ann_map if kind == "lvis" else api.imgToAnns
     categories = [cats[c] for c in sorted(cats)]
     cat_to_label = {c["id"]: i + 1 for i, c in enumerate(categories)}
     records = []
@@ -94,7 +101,7 @@ def load_annotation_index(ann_file: str, kind: str = "coco"):
         entries = [_ann_to_entry(a, cat_to_label) for a in anns_by_img.get(image_id, [])]
         records.append(ImageRecord(image_id, _lvis_file_name(img), int(img["height"]),
                                    int(img["width"]), [e for e in entries if e is not None]))
-    return records, categories, api
+    return AnnotationSet(records, categories, api, report)
 
 
 class DetectionDataset(Dataset):

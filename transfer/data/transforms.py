@@ -32,7 +32,8 @@ def scaled_size(h: int, w: int, short: int, max_size: int) -> tuple[int, int]:
     scale = short / min(h, w)
     if max(h, w) * scale > max_size:
         scale = max_size / max(h, w)
-    return int(round(h * scale)), int(round(w * scale))
+    # at least one pixel per side, for extreme aspect ratios (a 2 x 600 strip)
+    return max(1, int(round(h * scale))), max(1, int(round(w * scale)))
 
 
 def segm_to_mask(segm, orig_hw: tuple[int, int], out_hw: tuple[int, int], flip: bool) -> np.ndarray:

@@ -62,7 +62,15 @@ class DetectorInputTransform(GeneralizedRCNNTransform):
     def resize(self, image, target=None):
         if self.training and not self.resize_in_model:
             return image, target
-        return super().resize(image, target)
+        h, w = image.shape[-2:]
+        scale = min(float(self.min_size[-1]) / min(h, w), float(self.max_size) / max(h, w))
+        if self.training or (int(h * scale) >= 1 and int(w * scale) >= 1):
+            return super().resize(image, target)
+        # Extreme aspect ratios (e.g. 2 x 600): torchvision's scale factor would give a side of
+        # 0 pixels; keep at least one (the predictions are mapped back by the actual sizes).
+        size = (max(1, int(h * scale)), max(1, int(w * scale)))
+        image = torch.nn.functional.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+        return image, target
 
     def batch_images(self, images, size_divisible: int = 32):
         batched = super().batch_images(images, size_divisible)
