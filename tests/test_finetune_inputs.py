@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from socokit.demo_data import make_demo_data
+from demo.data import make_demo_data
 from transfer import evaluation
 from transfer.finetune import main
 
