@@ -1,4 +1,4 @@
-"""Fine-tune and evaluate a detector (Mask/Faster R-CNN FPN or C4, RetinaNet, FCOS).
+"""Fine-tune and evaluate a detector (Mask/Faster R-CNN FPN or C4, RetinaNet, FCOS, SOLOv2).
 
     torchrun --nproc_per_node 8 transfer/finetune.py --config transfer/configs/mask_rcnn_R50_FPN_1x_soco.yaml \\
         --init output/soco_fpn_det.pth --output-dir output/ft_soco_fpn
@@ -29,6 +29,7 @@ from transfer.evaluation import DetectionEvaluator, EvaluationError
 from transfer.models import DETECTORS, apply_frozen_stages, build_detector, has_masks
 from transfer.models.init_weights import SUPERVISED_PREFIX, initialise_detector
 from transfer.models.norms import NORMS, PARTS
+from transfer.models.solov2 import SOLOv2Config
 from transfer.solver import SCHEDULES, build_optimizer, resolve_schedule
 
 
@@ -85,6 +86,9 @@ def _add_model_args(m, i) -> None:
                                 ("detections-per-img", 100, "detections kept per image")):
         m.add_argument(f"--{name}", type=int, default=default, help=text)
     m.add_argument("--score-thresh", type=float, default=0.05, help="test score threshold")
+    m.add_argument("--solov2", nargs="*", default=None, metavar="KEY=VALUE",
+                   help="SOLOv2 options (AdelaiDet MODEL.SOLOV2 defaults; a mapping in a recipe), e.g. "
+                        "score_thresh=0.1 nms_sigma=2 num_grids=40,36,24,16,12; see docs/finetune.md")
     for name in ("rpn-pre-nms-top-n-train", "rpn-pre-nms-top-n-test", "rpn-post-nms-top-n-train",
                  "rpn-post-nms-top-n-test", "box-batch-size-per-image"):
         m.add_argument(f"--{name}", type=int, default=None, help="R-CNN sampling override (default: recipe value)")
@@ -179,6 +183,11 @@ def _check_args(args) -> None:
         raise SystemExit("error: --train-ann and --train-images are required for training")
     if args.batch_size < 1 or args.accum_steps < 1:
         raise SystemExit("error: --batch-size and --accum-steps must be >= 1")
+    if args.detector == "solov2":
+        try:
+            SOLOv2Config.from_options(args.solov2)
+        except ValueError as e:
+            raise SystemExit(f"error: --solov2: {e}") from e
 
 
 def build_model(args, dist, num_classes: int, pixel: dict | None = None):
@@ -193,10 +202,13 @@ def build_model(args, dist, num_classes: int, pixel: dict | None = None):
         rpn_pre_nms_top_n_train=args.rpn_pre_nms_top_n_train, rpn_pre_nms_top_n_test=args.rpn_pre_nms_top_n_test,
         rpn_post_nms_top_n_train=args.rpn_post_nms_top_n_train,
         rpn_post_nms_top_n_test=args.rpn_post_nms_top_n_test,
-        box_batch_size_per_image=args.box_batch_size_per_image)
+        box_batch_size_per_image=args.box_batch_size_per_image, solov2=args.solov2)
     report, meta = {"loaded": 0, "parts": [], "new": []}, None
     if pixel is None:  # a fresh run: initialise from --init
-        report, meta = initialise_detector(model, args.init, args.init_parts, c4=args.detector.endswith("_c4"))
+        # SOLOv2 takes the backbone and FPN of any init file; its heads are new
+        usable = ("backbone", "fpn") if args.detector == "solov2" else None
+        report, meta = initialise_detector(model, args.init, args.init_parts, c4=args.detector.endswith("_c4"),
+                                           usable=usable)
         pixel = resolve_pixel(args, meta)
     from transfer.models.transform import pixel_to_mean_std
     model.transform.image_mean, model.transform.image_std, model.transform.channels = pixel_to_mean_std(pixel)

@@ -1,8 +1,9 @@
 """Detector factory: ``build_detector(name, ...)`` for every fine-tuning recipe.
 
 Names: ``maskrcnn_fpn``, ``fasterrcnn_fpn``, ``maskrcnn_c4``, ``fasterrcnn_c4``, ``retinanet``,
-``fcos``. All are torchvision detection models (state-dict names as torchvision's) whose input
-transform is :class:`transfer.models.transform.DetectorInputTransform`.
+``fcos`` (torchvision detection models, state-dict names as torchvision's) and ``solov2``
+(:mod:`transfer.models.solov2`, same backbone names as ``maskrcnn_fpn``). Every input transform
+is :class:`transfer.models.transform.DetectorInputTransform`.
 """
 from __future__ import annotations
 
@@ -12,19 +13,22 @@ from socokit.backbones import PIXEL_CONVENTION
 from transfer.models.dense import build_fcos, build_retinanet
 from transfer.models.norms import freeze_stages, resolve_norms
 from transfer.models.rcnn import build_rcnn_c4, build_rcnn_fpn
+from transfer.models.solov2 import build_solov2
 from transfer.models.transform import DetectorInputTransform, pixel_to_mean_std
 
-DETECTORS = ("maskrcnn_fpn", "fasterrcnn_fpn", "maskrcnn_c4", "fasterrcnn_c4", "retinanet", "fcos")
+DETECTORS = ("maskrcnn_fpn", "fasterrcnn_fpn", "maskrcnn_c4", "fasterrcnn_c4", "retinanet", "fcos", "solov2")
 
 
 _RCNN_SAMPLING = ("rpn_pre_nms_top_n_train", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_train",
                   "rpn_post_nms_top_n_test", "box_batch_size_per_image")
 _NOT_FOR = {"fpn": ("extra_norm",), "c4": ("fpn_channels", "conv_dim", "fc_dim"),
             "dense": ("extra_norm", "conv_dim", "fc_dim", "mask_dim") + _RCNN_SAMPLING}
+_NOT_FOR["solov2"] = _NOT_FOR["dense"]
 
 
 def has_masks(name: str) -> bool:
-    return name.startswith("maskrcnn")
+    """The detector predicts instance masks (trains on them, scores mask AP)."""
+    return name.startswith("maskrcnn") or name == "solov2"
 
 
 def build_detector(name: str, *, backbone: str = "resnet50", num_classes: int, norm="syncbn",
@@ -46,7 +50,8 @@ def build_detector(name: str, *, backbone: str = "resnet50", num_classes: int, n
         resize_in_model: let the model draw the training size (torchvision's behaviour) instead
             of the data pipeline.
         **widths: ``fpn_channels``, ``conv_dim``, ``fc_dim``, ``mask_dim``, ``extra_norm``,
-            ``box_score_thresh``, ``detections_per_img`` (forwarded to the builders).
+            ``box_score_thresh``, ``detections_per_img`` (forwarded to the builders), ``solov2``
+            (SOLOv2 options, see :meth:`transfer.models.solov2.SOLOv2Config.from_options`).
 
     Returns:
         The detector, with ``model.norms`` (the resolved policy) set.
@@ -54,7 +59,8 @@ def build_detector(name: str, *, backbone: str = "resnet50", num_classes: int, n
     if name not in DETECTORS:
         raise ValueError(f"unknown detector {name!r}: use one of {', '.join(DETECTORS)}")
     norms = resolve_norms(norm, sync_ok)
-    family = "dense" if name in ("retinanet", "fcos") else name.rsplit("_", 1)[1]
+    solov2 = widths.pop("solov2", None)
+    family = {"retinanet": "dense", "fcos": "dense", "solov2": "solov2"}.get(name) or name.rsplit("_", 1)[1]
     # Options that do not apply to this family (e.g. fc_dim for C4) are ignored.
     widths = {k: v for k, v in widths.items() if k not in _NOT_FOR[family]}
     common = dict(arch=backbone, num_classes=num_classes, norms=norms, **widths)
@@ -64,6 +70,8 @@ def build_detector(name: str, *, backbone: str = "resnet50", num_classes: int, n
         model = build_rcnn_c4(with_masks=has_masks(name), **common)
     elif name == "retinanet":
         model = build_retinanet(**common)
+    elif name == "solov2":
+        model = build_solov2(solov2=solov2, **common)
     else:
         model = build_fcos(**common)
     mean, std, channels = pixel_to_mean_std(pixel or PIXEL_CONVENTION)

@@ -110,7 +110,7 @@ def read_init(spec: str, c4: bool) -> tuple[dict, dict]:
         raise SystemExit(f"error: {e}") from e
 
 
-def initialise_detector(model: nn.Module, spec: str | None, parts=None, c4: bool = False):
+def initialise_detector(model: nn.Module, spec: str | None, parts=None, c4: bool = False, usable=None):
     """Load an init spec into ``model``.
 
     Args:
@@ -118,6 +118,8 @@ def initialise_detector(model: nn.Module, spec: str | None, parts=None, c4: bool
         spec: None/"scratch", a detinit path, or ``torchvision-supervised:PATH``.
         parts: subset of the file's parts to load (default: all of them).
         c4: the detector is a C4 model (supervised layer4 → res5).
+        usable: without ``parts``, load only the file's parts in this list (e.g. SOLOv2:
+            backbone and FPN; a box head has no counterpart).
 
     Returns:
         (report dict, meta dict or None). ``report["new"]`` lists the freshly initialised keys.
@@ -126,7 +128,7 @@ def initialise_detector(model: nn.Module, spec: str | None, parts=None, c4: bool
         return {"loaded": 0, "parts": [], "new": sorted(model.state_dict())}, None
     state_dict, meta = read_init(spec, c4)
     file_parts = list(meta["parts"])
-    use = list(parts) if parts else file_parts
+    use = list(parts) if parts else [p for p in file_parts if usable is None or p in usable]
     absent = [p for p in use if p not in file_parts]
     if absent:
         raise SystemExit(f"error: {spec}: --init-parts {absent} not in the file's parts {file_parts}")
