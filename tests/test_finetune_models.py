@@ -13,7 +13,8 @@ from transfer.models.norms import resolve_norms, set_norm_eval
 
 TINY = dict(backbone="timm:test_resnet", num_classes=4, min_size=96, max_size=128, fpn_channels=16,
             conv_dim=16, fc_dim=32, mask_dim=16, rpn_post_nms_top_n_train=64, rpn_post_nms_top_n_test=32,
-            rpn_pre_nms_top_n_test=200, box_batch_size_per_image=32)
+            rpn_pre_nms_top_n_test=200, box_batch_size_per_image=32,
+            solov2={"instance_channels": 16, "num_kernels": 16, "mask_channels": 16, "num_grids": (12, 10, 8, 6, 4)})
 
 
 def _batch(masks: bool):
