@@ -205,7 +205,7 @@ CASES = {
     "pycontrast": (pycontrast, {}, "pycontrast", ("backbone",), "online"),
     "pycontrast_ema": (pycontrast, {"target_network": True}, "pycontrast", ("backbone",), "target"),
     "byol_openselfsup": (byol_openselfsup, {}, "byol", ("backbone",), "online"),
-    "byol_sololearn_target": (byol_sololearn, {"target_network": True}, "byol", ("backbone",), "target"),
+    "byol_sololearn_target": (byol_sololearn, {"target_network": True}, "sololearn", ("backbone",), "target"),
     "byol_positional": (byol_positional, {}, "byol", ("backbone",), "online"),
     "torchvision": (tv_resnet, {}, "torchvision", ("backbone",), "online"),
     "timm_ema": (timm_train, {"source": "timm", "target_network": True}, None, ("backbone",), "target"),

@@ -27,7 +27,7 @@ from transfer.data import AnnotationError, build_test_loader, build_train_loader
 from transfer.engine import TrainState, evaluate, train
 from transfer.evaluation import DetectionEvaluator, EvaluationError
 from transfer.models import DETECTORS, apply_frozen_stages, build_detector, has_masks
-from transfer.models.init_weights import SUPERVISED_PREFIX, initialise_detector
+from transfer.models.init_weights import SUPERVISED_PREFIX, apply_stride_in_1x1, initialise_detector
 from transfer.models.norms import NORMS, PARTS
 from transfer.models.solov2 import SOLOv2Config
 from transfer.solver import SCHEDULES, build_optimizer, resolve_schedule
@@ -190,8 +190,13 @@ def _check_args(args) -> None:
             raise SystemExit(f"error: --solov2: {e}") from e
 
 
-def build_model(args, dist, num_classes: int, pixel: dict | None = None):
-    """Detector with the init file loaded and stages frozen; returns (model, pixel, report)."""
+def build_model(args, dist, num_classes: int, pixel: dict | None = None, stride_in_1x1: bool = False):
+    """Detector with the init file loaded and stages frozen; returns (model, pixel, report).
+
+    ``pixel`` and ``stride_in_1x1`` come from a fine-tuning checkpoint (resume / evaluation);
+    without ``pixel`` the init file supplies both (``report["stride_in_1x1"]``: MSRA/Caffe2
+    weights downsample in the bottleneck's 1x1 conv, and the model is built that way).
+    """
     torch.manual_seed(args.seed)  # identical fresh weights on every rank
     model = build_detector(
         args.detector, backbone=args.backbone, num_classes=num_classes, norm=parse_norm(args.norm),
@@ -210,6 +215,13 @@ def build_model(args, dist, num_classes: int, pixel: dict | None = None):
         report, meta = initialise_detector(model, args.init, args.init_parts, c4=args.detector.endswith("_c4"),
                                            usable=usable)
         pixel = resolve_pixel(args, meta)
+        stride_in_1x1 = bool(meta and meta.get("stride_in_1x1"))
+    report["stride_in_1x1"] = bool(stride_in_1x1)
+    if stride_in_1x1:
+        try:
+            apply_stride_in_1x1(model)
+        except ValueError as e:
+            raise SystemExit(f"error: {args.init}: {e}") from e
     from transfer.models.transform import pixel_to_mean_std
     model.transform.image_mean, model.transform.image_std, model.transform.channels = pixel_to_mean_std(pixel)
     apply_frozen_stages(model, args.frozen_stages)
@@ -290,7 +302,8 @@ def run(args, dist, logger) -> dict | None:
     weights, weights_name = (ckpt, source) if ckpt is not None else (init_ckpt, args.init)
     categories, l2c = resolve_categories(args, logger, train, val, weights, weights_name)
     num_classes = len(categories) + 1
-    model, pixel, report = build_model(args, dist, num_classes, pixel=weights.get("pixel") if weights else None)
+    model, pixel, report = build_model(args, dist, num_classes, pixel=weights.get("pixel") if weights else None,
+                                       stride_in_1x1=bool(weights and weights.get("stride_in_1x1")))
     if weights is not None:
         try:
             model.load_state_dict(weights["model"], strict=True)
@@ -331,7 +344,8 @@ def run(args, dist, logger) -> dict | None:
     if args.eval_only:
         return eval_fn(int(ckpt.get("iteration", 0)))
     return run_training(args, dist, logger, model, ckpt, train.records, eval_fn,
-                        extra={"pixel": pixel, "categories": categories, "detector": args.detector,
+                        extra={"pixel": pixel, "stride_in_1x1": report["stride_in_1x1"],
+                               "categories": categories, "detector": args.detector,
                                "backbone": args.backbone, "config": config_to_dict(args)})
 
 

@@ -76,7 +76,8 @@ def load_detector(path: str, device: torch.device):
             setattr(args, key, value)
     args.norm = "bn" if "syncbn" in str(args.norm) else args.norm  # inference: no process group
     dist = sdist.DistInfo(0, 1, 0, device, False)
-    model, _, _ = build_model(args, dist, len(ckpt["categories"]) + 1, pixel=ckpt["pixel"])
+    model, _, _ = build_model(args, dist, len(ckpt["categories"]) + 1, pixel=ckpt["pixel"],
+                              stride_in_1x1=bool(ckpt.get("stride_in_1x1")))
     model.load_state_dict(ckpt["model"], strict=True)
     names = ["background"] + [c["name"] for c in ckpt["categories"]]
     return model.to(device).eval(), names

@@ -17,8 +17,8 @@ from typing import Callable
 from socokit.backbones import PIXEL_CONVENTION
 from transfer.converters.expected import BODY, FPN, HEAD, LAYER4
 
-SOURCES = ("soco", "byol", "moco", "mocov3", "swav", "densecl", "pycontrast", "torchvision",
-           "timm", "detinit", "detectron2", "mmdet")
+SOURCES = ("soco", "byol", "moco", "mocov3", "swav", "densecl", "pycontrast", "mmselfsup", "sololearn",
+           "dino", "vissl", "caffe2", "torchvision", "timm", "detinit", "detectron2", "mmdet")
 
 # Reason categories for dropped keys.
 PROJECTOR = "projector"
@@ -30,6 +30,9 @@ FC = "fc classifier"
 PROTOTYPES = "prototypes"
 DUPLICATE = "duplicate alias"
 DETECTOR = "detector part not transferable (rpn/predictor/mask)"
+PREPROCESSOR = "input normalisation buffers (recorded in pixel)"
+OPTIMIZER = "optimizer state"
+TRAINING = "training state"
 
 #: SwAV normalises with std 0.228 for R (docs/checkpoint_formats.md §3).
 SWAV_PIXEL = dict(PIXEL_CONVENTION, std=[0.228, 0.224, 0.225])
@@ -59,7 +62,8 @@ class Layout:
     Attributes:
         source: the ``--from`` name.
         description: what was recognised (printed).
-        container: top-level entry holding the state dict, None for a flat state dict.
+        container: top-level entry holding the state dict (a tuple for a nested path such as
+            VISSL's), None for a flat state dict.
         rules: ordered key table.
         parts: parts this source provides (``backbone``, ``fpn``, ``box_head``, ``res5``).
         pixel: pixel convention the weights expect.
@@ -67,10 +71,14 @@ class Layout:
         aliases: (dropped prefix, kept prefix) pairs whose tensors must be equal.
         notes: extra lines for the report.
         top_level: reasons for dropping other top-level entries that hold weights.
+        drop_suffixes: (suffix, reason) pairs dropping keys by their end (Caffe2 ``*_momentum``).
+        finish: called with (tensors, origin) after the key table, to add tensors the format
+            implies but does not store (Caffe2 BN running statistics).
+        extra_meta: recorded in the output's meta (e.g. ``stride_in_1x1``).
     """
     source: str
     description: str
-    container: str | None
+    container: str | tuple[str, ...] | None
     rules: list[Rule]
     parts: tuple[str, ...] = ("backbone",)
     pixel: dict = field(default_factory=lambda: dict(PIXEL_CONVENTION))
@@ -78,6 +86,9 @@ class Layout:
     aliases: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     top_level: dict[str, str] = field(default_factory=dict)
+    drop_suffixes: list[tuple[str, str]] = field(default_factory=list)
+    finish: Callable[[dict, dict], None] | None = None
+    extra_meta: dict = field(default_factory=dict)
 
 
 def _branches(target: bool, online: str, momentum: str) -> tuple[str, str, str]:
@@ -226,6 +237,157 @@ def torchvision_layout(obj: dict, target: bool, source: str = "torchvision") -> 
                   top_level={"state_dict": ONLINE} if container == "state_dict_ema" else {})
 
 
+# --------------------------------------------------------------------------- more third-party formats
+#: mmselfsup / mmpretrain 1.x momentum copies (``ExponentialMovingAverage`` wraps ``module``).
+_MM_MOMENTUM = ("target_net.", "encoder_k.", "momentum_encoder.", "teacher.")
+
+
+def mmselfsup_layout(obj: dict, target: bool) -> Layout:
+    """mmselfsup 1.x / mmpretrain (mmengine ``{meta, state_dict, ...}``): ``backbone.*`` + heads.
+
+    Algorithms keep the online backbone at ``backbone.*`` (torchvision ResNet names), the
+    projector at ``neck.*``, predictors / prototypes at ``head.*``, and the momentum network as
+    an ``ExponentialMovingAverage`` (``target_net.module.0.*`` for BYOL, ``encoder_k.module.0.*``
+    for MoCo v2 and DenseCL, ``momentum_encoder.module.0.*`` for MoCo v3), with a ``steps``
+    counter. 1.0 release candidates stored MoCo as ``encoder_q.0`` (= ``backbone``) / ``encoder_k.0``.
+    See docs/convert.md.
+    """
+    keys = strip_wrapper(_inner(obj))[0].keys()
+    momentum = [p for p in _MM_MOMENTUM if any(k.startswith(p) for k in keys)]
+    if target:
+        if not momentum:
+            raise ValueError("--target-network: this mmselfsup/mmpretrain checkpoint has no momentum encoder")
+        pre = momentum[0]
+        body = pre + "module.0." if any(k.startswith(pre + "module.0.") for k in keys) else pre + "0."
+        rules = [Rule(body, BODY), Rule(pre, reason=PROJECTOR + " / EMA counter"),
+                 Rule("backbone.", reason=ONLINE), Rule("encoder_q.", reason=ONLINE)]
+    else:
+        rules = [Rule("backbone.fc.", reason=FC), Rule("backbone.", BODY),
+                 Rule("encoder_q.0.", reason=DUPLICATE), Rule("encoder_q.", reason=PROJECTOR)]
+        rules += [Rule(p, reason=MOMENTUM) for p in momentum]
+    rules += [Rule("neck.", reason=PROJECTOR), Rule("head.", reason=PREDICTOR + " / head"),
+              Rule("queue", reason=QUEUE), Rule("data_preprocessor.", reason=PREPROCESSOR)]
+    aliases = [] if target else [("encoder_q.0.", "backbone.")]
+    return Layout("mmselfsup", "mmselfsup 1.x / mmpretrain checkpoint (backbone/neck/head"
+                  + (f", momentum {momentum[0].rstrip('.')}" if momentum else "") + ")",
+                  _container(obj), rules, aliases=aliases,
+                  top_level={"message_hub": TRAINING, "param_schedulers": TRAINING,
+                             "ema_state_dict": MOMENTUM})
+
+
+def sololearn_layout(obj: dict, target: bool) -> Layout:
+    """solo-learn (PyTorch Lightning): ``state_dict`` with ``backbone.*`` (early versions
+    ``encoder.*``), ``classifier.*`` and the method's heads; momentum methods add
+    ``momentum_backbone.*`` and ``momentum_*`` heads. See docs/convert.md.
+    """
+    keys = strip_wrapper(_inner(obj))[0].keys()
+    on = "encoder." if any(k.startswith("encoder.") for k in keys) else "backbone."
+    off = "momentum_encoder." if on == "encoder." else "momentum_backbone."
+    if target and not any(k.startswith(off) for k in keys):
+        raise ValueError("--target-network: this solo-learn checkpoint has no momentum backbone "
+                         "(only BYOL, MoCo, DINO, ... keep one)")
+    keep, other, other_reason = _branches(target, on, off)
+    rules = [Rule(keep + "fc.", reason=FC), Rule(keep, BODY), Rule(other, reason=other_reason),
+             Rule("momentum_classifier.", reason=FC), Rule("classifier.", reason=FC),
+             Rule("momentum_projector.", reason=MOMENTUM), Rule("projector.", reason=PROJECTOR),
+             Rule("predictor.", reason=PREDICTOR), Rule("momentum_prototypes", reason=MOMENTUM),
+             Rule("prototypes", reason=PROTOTYPES), Rule("momentum_head.", reason=MOMENTUM),
+             Rule("head.", reason=PROJECTOR), Rule("queue", reason=QUEUE),
+             Rule("local_memory", reason=QUEUE)]
+    return Layout("sololearn", f"solo-learn checkpoint ({on.rstrip('.')}"
+                  + (f" / {off.rstrip('.')})" if any(k.startswith(off) for k in keys) else ")"),
+                  _container(obj), rules)
+
+
+def dino_layout(obj: dict, target: bool) -> Layout:
+    """DINO full checkpoint: ``student`` / ``teacher`` (``module.backbone.*``, ``module.head.*``).
+
+    The online network is the student; ``--target-network`` exports the teacher, which is
+    what DINO's own evaluation and its backbone-only release use.
+    """
+    container, other = ("teacher", "student") if target else ("student", "teacher")
+    if not isinstance(obj.get(container), dict):
+        raise ValueError(f"DINO checkpoint without a {container!r} dict")
+    rules = [Rule("backbone.fc.", reason=FC), Rule("backbone.", BODY), Rule("head.", reason=PROJECTOR)]
+    notes = [] if target else ["DINO evaluates the teacher (its backbone-only release is the teacher); "
+                               "pass --target-network to export it"]
+    return Layout("dino", f"DINO full checkpoint ({container}: backbone + DINO head)", container, rules,
+                  top_level={other: ONLINE if target else MOMENTUM, "dino_loss": TRAINING}, notes=notes)
+
+
+VISSL_TRUNK = ("classy_state_dict", "base_model", "model", "trunk")
+
+
+def vissl_layout(obj: dict, target: bool) -> Layout:
+    """VISSL: the trunk at ``classy_state_dict.base_model.model.trunk`` (``_feature_blocks.*``)."""
+    _no_target(target, "vissl")
+    return Layout("vissl", "VISSL checkpoint (classy_state_dict → base_model → model → trunk)",
+                  VISSL_TRUNK, [Rule("_feature_blocks.fc.", reason=FC), Rule("_feature_blocks.", BODY)],
+                  top_level={"heads": PROJECTOR, "loss": QUEUE + " / loss state", "meters": TRAINING})
+
+
+#: Caffe2 / Detectron MSRA ResNet input: BGR, 0-255, mean subtracted, no std division.
+CAFFE2_PIXEL = {"channels": "BGR", "range": 255.0, "mean": [103.530, 116.280, 123.675], "std": [1.0, 1.0, 1.0]}
+_C2_BLOCK = {"2a": ("conv1", "bn1"), "2b": ("conv2", "bn2"), "2c": ("conv3", "bn3"),
+             "1": ("downsample.0", "downsample.1")}
+
+
+def caffe2_name(blob: str) -> str:
+    """Caffe2 MSRA ResNet blob name → torchvision ResNet name (``res2_0_branch2a_w`` → ``layer1.0.conv1.weight``).
+
+    Raises:
+        ValueError: not a ResNet blob name.
+    """
+    import re
+
+    if blob == "conv1_w":
+        return "conv1.weight"
+    m = re.match(r"^res_conv1_bn_([sb])$", blob)
+    if m:
+        return "bn1." + ("weight" if m[1] == "s" else "bias")
+    m = re.match(r"^res(\d)_(\d+)_branch(2[abc]|1)_(w|bn_s|bn_b)$", blob)
+    if not m:
+        raise ValueError(f"{blob!r} is not a Caffe2 ResNet blob")
+    conv, bn = _C2_BLOCK[m[3]]
+    prefix = f"layer{int(m[1]) - 1}.{m[2]}."
+    return prefix + {"w": conv + ".weight", "bn_s": bn + ".weight", "bn_b": bn + ".bias"}[m[4]]
+
+
+def _caffe2_bn_statistics(tensors: dict, origin: dict) -> None:
+    """Caffe2's frozen BN is an affine ``s * x + b``: add running_mean 0, running_var 1 - eps.
+
+    With eps = 1e-5 (torchvision and detectron2 BN), ``(x - 0) / sqrt(1 - eps + eps) * s + b``
+    is exactly the affine transform; the counter ``num_batches_tracked`` is 0.
+    """
+    import torch
+
+    for name in [n for n in tensors if n.endswith(".weight") and (".bn" in n or "downsample.1" in n
+                                                                  or n == BODY + "bn1.weight")]:
+        base = name[:-len("weight")]
+        w = tensors[name]
+        for suffix, value in (("running_mean", torch.zeros_like(w)), ("running_var", torch.full_like(w, 1 - 1e-5)),
+                              ("num_batches_tracked", torch.tensor(0, dtype=torch.long))):
+            tensors[base + suffix] = value
+            origin[base + suffix] = origin[name] + f" (implied: {suffix})"
+
+
+def caffe2_layout(obj: dict, target: bool) -> Layout:
+    """Caffe2 / Detectron MSRA ImageNet ResNet (``R-50.pkl``): blob names, BGR input, std 1,
+    stride in the first 1x1 convolution of each bottleneck (``stride_in_1x1``). See docs/convert.md.
+    """
+    _no_target(target, "caffe2")
+    return Layout("caffe2", "Caffe2/Detectron MSRA ResNet blobs (BGR, std 1, stride in the 1x1 conv)",
+                  "blobs" if isinstance(obj.get("blobs"), dict) else None,
+                  [Rule("pred_", reason=FC), Rule("fc1000_", reason=FC),
+                   Rule("", BODY, rename=caffe2_name)],
+                  pixel=dict(CAFFE2_PIXEL),
+                  notes=["BN blobs are frozen affine (scale, bias): running statistics 0 / 1 - eps added",
+                         "MSRA ResNets put the stride in the 1x1 conv (stride_in_1x1 recorded; the fine-tuning "
+                         "model follows it)"],
+                  drop_suffixes=[("_momentum", OPTIMIZER + " (Caffe2 momentum blob)")],
+                  finish=_caffe2_bn_statistics, extra_meta={"stride_in_1x1": True})
+
+
 # --------------------------------------------------------------------------- helpers
 _POSITIONAL = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
 
@@ -280,6 +442,7 @@ def _inner(obj: dict) -> dict:
 LAYOUTS: dict[str, Callable[..., Layout]] = {
     "soco": soco_layout, "moco": moco_layout, "mocov3": mocov3_layout, "swav": swav_layout,
     "densecl": densecl_layout, "pycontrast": pycontrast_layout, "byol": byol_layout,
-    "torchvision": torchvision_layout,
+    "torchvision": torchvision_layout, "mmselfsup": mmselfsup_layout, "sololearn": sololearn_layout,
+    "dino": dino_layout, "vissl": vissl_layout, "caffe2": caffe2_layout,
     "timm": lambda obj, target: torchvision_layout(obj, target, "timm"),
 }

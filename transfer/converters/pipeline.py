@@ -128,19 +128,23 @@ def _select(ex: Extraction, arch: str, parts: tuple[str, ...]) -> tuple[dict, di
     return chosen, rest
 
 
-def pixel_hints(pixel: dict, target: str) -> dict:
-    """Config values a detectron2 / MMDetection user must set for these weights (docs/method.md §7, §9)."""
+def pixel_hints(pixel: dict, target: str, stride_in_1x1: bool = False) -> dict:
+    """Config values a detectron2 / MMDetection user must set for these weights (docs/method.md §7, §9).
+
+    ``stride_in_1x1``: the ResNet strides in the first 1x1 conv of a bottleneck (MSRA / Caffe2
+    weights: detectron2 ``STRIDE_IN_1X1: True``, mmdet ``style='caffe'``).
+    """
     scale = 255.0 / float(pixel["range"])
     mean = [round(m * scale, 3) for m in pixel["mean"]]
     std = [round(s * scale, 3) for s in pixel["std"]]
     rgb = pixel["channels"].upper() == "RGB"
     if target == "detectron2":
         return {"MODEL.PIXEL_MEAN": mean, "MODEL.PIXEL_STD": std,
-                "INPUT.FORMAT": pixel["channels"].upper(), "MODEL.RESNETS.STRIDE_IN_1X1": False}
+                "INPUT.FORMAT": pixel["channels"].upper(), "MODEL.RESNETS.STRIDE_IN_1X1": bool(stride_in_1x1)}
     if target == "mmdet":
         return {"img_norm_cfg": {"mean": mean, "std": std, "to_rgb": rgb},
                 "data_preprocessor": {"mean": mean, "std": std, "bgr_to_rgb": rgb},
-                "backbone.style": "pytorch"}
+                "backbone.style": "caffe" if stride_in_1x1 else "pytorch"}
     return {"image_mean": list(pixel["mean"]), "image_std": list(pixel["std"]),
             "input": f"{pixel['channels']} float in [0, {pixel['range']}]"}
 
@@ -216,8 +220,9 @@ def _build_meta(ex: Extraction, chosen: dict, *, source, recognised, source_file
         meta["fpn"] = {"out_channels": out_channels, "norm": norm}
     if "box_head" in parts:
         meta["box_head"] = E.infer_box_head_config(chosen)
+    meta.update(ex.layout.extra_meta)
     if target != "torchvision":
-        meta["config_hints"] = pixel_hints(ex.layout.pixel, target)
+        meta["config_hints"] = pixel_hints(ex.layout.pixel, target, bool(meta.get("stride_in_1x1")))
     if target == "detectron2":
         meta["d2_full_names"] = bool(d2_full_names)
     return meta

@@ -6,6 +6,7 @@ is an error (:class:`ConversionError`) naming the keys.
 """
 from __future__ import annotations
 
+import argparse
 import io
 import os
 import pickle
@@ -62,8 +63,30 @@ def load_pickle(path: str):
         raise ConversionError(f"{path}: not a readable pickle (truncated or corrupt?): {e}") from e
 
 
+def load_safetensors(path: str) -> dict:
+    """A ``.safetensors`` file as a flat ``{name: tensor}`` dict (the format holds nothing else).
+
+    Raises:
+        ConversionError: missing or unreadable file (message names it).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise ConversionError(f"{path}: no such checkpoint file")
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ConversionError(f"{path}: not a readable safetensors file: {e}") from e
+
+
 def load_checkpoint_file(path: str):
-    """Load any supported checkpoint file safely (``.pkl`` → restricted pickle, else weights_only).
+    """Load any supported checkpoint file safely, never running code from the file.
+
+    ``.pkl``: :class:`_RestrictedUnpickler` (numpy arrays and builtins only); ``.safetensors``:
+    the safetensors reader; anything else: ``torch.load(weights_only=True)``, with
+    ``argparse.Namespace`` also allowed (DINO stores its arguments as one; it only holds
+    attributes).
 
     Raises:
         ConversionError: missing, truncated, non-checkpoint or unsafe file (message names it).
@@ -71,11 +94,18 @@ def load_checkpoint_file(path: str):
     path = os.fspath(path)
     if path.endswith(".pkl"):
         obj = load_pickle(path)
+    elif path.endswith(".safetensors"):
+        obj = load_safetensors(path)
     else:
         try:
-            obj = safe_torch_load(path)
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = safe_torch_load(path)
         except CheckpointError as e:
-            raise ConversionError(str(e)) from e
+            hint = ""
+            if "mmengine" in str(e):
+                hint = ("; an mmengine training checkpoint holds logger objects: keep only 'meta' and "
+                        "'state_dict' (mmpretrain's tools/model_converters/publish_model.py does) and convert that")
+            raise ConversionError(str(e) + hint) from e
     if not isinstance(obj, dict):
         raise ConversionError(f"{path}: not a checkpoint (top level is a {type(obj).__name__}, not a dict)")
     return obj
@@ -108,30 +138,53 @@ def detect_source(obj: dict) -> tuple[str, str]:
         return "detectron2", f"detectron2 pickle (__author__ {obj['__author__']!r})"
     if "online_network_state_dict" in obj:
         return "byol", "online_network_state_dict (PyTorch-BYOL)"
+    if isinstance(obj.get("classy_state_dict"), dict):
+        return "vissl", "classy_state_dict (VISSL)"
+    if isinstance(obj.get("student"), dict) and isinstance(obj.get("teacher"), dict):
+        return "dino", "student/teacher (DINO full checkpoint)"
+    blobs = obj["blobs"] if isinstance(obj.get("blobs"), dict) else obj
+    if "conv1_w" in blobs and "res_conv1_bn_s" in blobs:
+        return "caffe2", "Caffe2 blob names (conv1_w, res_conv1_bn_s, res2_0_branch2a_w, ...)"
     keys = _keys(obj)
     has = lambda *p: any(k.startswith(p) for k in keys)  # noqa: E731
+    if has("encoder1.", "encoder2.") and has("head1.", "head2.", "encoder1."):
+        raise ConversionError(
+            "PyContrast CMC checkpoint (encoder1/encoder2): CMC splits the image into an L and an ab "
+            "(YDbDr) stream, each a half-width ResNet over 1 or 2 channels; neither maps onto a standard "
+            "RGB ResNet, so it is refused rather than guessed. Use a PyContrast InsDis/MoCo/InfoMin checkpoint")
     if isinstance(obj.get("model"), dict) and ("contrast" in obj or has("encoder.", "head.")):
         return "pycontrast", "model (+contrast/model_ema) with encoder.*/head.*"
-    if has("encoder_q.0.") or (has("backbone.") and has("encoder_q.")):
+    if "pytorch-lightning_version" in obj or (has("backbone.", "encoder.") and has("classifier.", "projector.")
+                                              and not has("neck.")):
+        return "sololearn", "solo-learn (Lightning) backbone/classifier/projector"
+    if (has("encoder_q.0.") or (has("backbone.") and has("encoder_q."))) and not has("neck.", "data_preprocessor."):
         return "densecl", "encoder_q.0.* / backbone.* (OpenSelfSup layout)"
     if has("encoder_q."):
         return "moco", "encoder_q.* / encoder_k.*"
     if has("base_encoder."):
         return "mocov3", "base_encoder.* / momentum_encoder.*"
-    if has("online_net.", "online_network.", "online_encoder.", "momentum_backbone."):
+    if has("online_net.", "online_network.", "online_encoder."):
         return "byol", "online/target (momentum) network keys"
+    if has("momentum_backbone."):
+        return "sololearn", "solo-learn backbone/momentum_backbone"
     if has("projection_head.", "prototypes"):
         return "swav", "projection_head.* / prototypes"
     if has("backbone.body."):
         return "detinit", "torchvision detection names (backbone.body.*)"
-    if has("neck.", "roi_head.") or (obj.get("meta") is not None and has("backbone.conv1.")):
-        return "mmdet", "MMDetection names (backbone/neck/roi_head)"
+    if has("roi_head.", "rpn_head.", "bbox_head.", "neck.lateral_convs."):
+        return "mmdet", "MMDetection names (backbone/neck/rpn_head/roi_head)"
+    if has("backbone.") and (has("neck.", "head.", "target_net.", "encoder_k.", "momentum_encoder.",
+                                 "data_preprocessor.") or isinstance(obj.get("meta"), dict)):
+        return "mmselfsup", "mmselfsup 1.x / mmpretrain names (backbone/neck/head)"
     if obj.get("author") == "DenseCL":
         return "densecl", "author: DenseCL (released backbone)"
     if has("stem.conv1.", "res2.", "backbone.bottom_up.", "backbone.stem.", "backbone.res2."):
         return "detectron2", "detectron2 names (stem/res2..res5)"
     if "conv1.weight" in keys:
-        return "torchvision", "bare ResNet names (torchvision/timm; a timm file reads the same)"
+        if "best_acc1" in obj:
+            return "torchvision", ("pytorch/examples ImageNet training checkpoint (state_dict + best_acc1; "
+                                   "also MoCo's linear-classification output)")
+        return "torchvision", "bare ResNet names (torchvision/timm/DINO backbone release; a timm file reads the same)"
     top = sorted(map(str, obj))[:12]
     raise ConversionError(f"unrecognised checkpoint layout: top-level entries {top}, first keys "
                           f"{keys[:8]}; pass --from explicitly")
@@ -174,7 +227,8 @@ def reverse_layout(source: str, obj: dict, target: bool) -> L.Layout:
     rename = lambda k: T.from_target(k, target_fmt, num_convs=num_convs)  # noqa: E731
     rules = [L.Rule(p, reason=r) for p, r in drops] + [L.Rule("", "", rename=rename)]
     return L.Layout(source, f"{target_fmt} checkpoint names", container, rules, parts=(),
-                    pixel=pixel, arch=soco_meta.get("arch"), notes=notes)
+                    pixel=pixel, arch=soco_meta.get("arch"), notes=notes,
+                    extra_meta={"stride_in_1x1": True} if soco_meta.get("stride_in_1x1") else {})
 
 
 # --------------------------------------------------------------------------- extraction
@@ -183,6 +237,12 @@ TOP_LEVEL = {
     "optimizer": "optimizer state", "optimizer_state_dict": "optimizer state",
     "scaler": "training state", "amp": "training state", "lr_scheduler": "training state",
     "scheduler": "training state", "fp16_scaler": "training state", "rng": "training state",
+    # pytorch/examples (and MoCo's main_lincls.py) keep the best validation accuracy
+    "best_acc1": "training metric (ImageNet top-1 of the classifier, not a weight)",
+    "best_acc5": "training metric (ImageNet top-5 of the classifier, not a weight)",
+    # PyTorch Lightning (solo-learn)
+    "optimizer_states": "optimizer state", "lr_schedulers": "training state",
+    "callbacks": "training state", "loops": "training state",
     "contrast": L.QUEUE, "model_ema": L.MOMENTUM, "state_dict_ema": L.MOMENTUM,
     "target_network_state_dict": L.MOMENTUM, "online_network_state_dict": L.ONLINE,
     "encoder_state_dict": L.DUPLICATE,
@@ -232,6 +292,11 @@ def _apply_rules(sd: dict, wrapper: str, layout: L.Layout, out: Extraction) -> l
     unexplained = []
     for key, value in sd.items():
         original = wrapper + key
+        suffix = next((r for s, r in layout.drop_suffixes if key.endswith(s)), None)
+        if suffix is not None:
+            out.dropped[original] = suffix
+            out.groups[original] = "*" + next(s for s, _ in layout.drop_suffixes if key.endswith(s))
+            continue
         for rule in layout.rules:
             if not key.startswith(rule.prefix):
                 continue
@@ -277,26 +342,17 @@ def extract(obj: dict, source: str, target_network: bool = False) -> Extraction:
     except (ValueError, KeyError) as e:
         raise ConversionError(str(e)) from e
     out = Extraction(layout)
-    sd = obj[layout.container] if layout.container else obj
-    if not isinstance(sd, dict) or not sd:
-        raise ConversionError(f"no state dict under {layout.container!r}")
     top_level = dict(TOP_LEVEL, **layout.top_level)
-    for entry, value in obj.items() if layout.container else ():
-        if entry == layout.container:
-            continue
-        n = _holds_tensors(value)
-        if entry in top_level and isinstance(value, dict) and n and all(
-                isinstance(v, (torch.Tensor, np.ndarray)) for v in value.values()):
-            out.dropped.update({f"{entry}/{k}": top_level[entry] for k in value})
-            out.groups.update({f"{entry}/{k}": entry for k in value})
-        elif entry in top_level:
-            out.dropped[entry] = top_level[entry]
-            out.groups[entry] = entry
-        elif n:
-            raise ConversionError(f"unexplained top-level entry {entry!r} holding {n} tensors "
-                                  f"(source {source}); refusing to guess what it is")
-        else:
-            out.metadata.append(str(entry))
+    path = layout.container if isinstance(layout.container, tuple) else (
+        (layout.container,) if layout.container else ())
+    sd, where = obj, ""
+    for name in path:  # every entry beside the path is explained or refused
+        if not isinstance(sd, dict) or not isinstance(sd.get(name), dict):
+            raise ConversionError(f"no state dict under {'/'.join(path)!r}")
+        _explain_entries(sd, name, where, top_level, source, out)
+        sd, where = sd[name], where + name + "/"
+    if not isinstance(sd, dict) or not sd:
+        raise ConversionError(f"no state dict under {'/'.join(path)!r}")
     stripped, wrapper = L.strip_wrapper(sd)
     unexplained = _apply_rules(stripped, wrapper, layout, out)
     if unexplained:
@@ -305,4 +361,28 @@ def extract(obj: dict, source: str, target_network: bool = False) -> Extraction:
     _check_aliases(stripped, layout)
     if not out.tensors:
         raise ConversionError(f"no backbone weights found for source {source}")
+    if layout.finish is not None:
+        layout.finish(out.tensors, out.origin)
     return out
+
+
+def _explain_entries(level: dict, container: str, where: str, top_level: dict, source: str,
+                     out: Extraction) -> None:
+    """Drop (with a reason) or record as metadata every entry of ``level`` but ``container``."""
+    for entry, value in level.items():
+        if entry == container:
+            continue
+        name = where + str(entry)
+        n = _holds_tensors(value)
+        if entry in top_level and isinstance(value, dict) and n and all(
+                isinstance(v, (torch.Tensor, np.ndarray)) for v in value.values()):
+            out.dropped.update({f"{name}/{k}": top_level[entry] for k in value})
+            out.groups.update({f"{name}/{k}": name for k in value})
+        elif entry in top_level:
+            out.dropped[name] = top_level[entry]
+            out.groups[name] = name
+        elif n:
+            raise ConversionError(f"unexplained top-level entry {name!r} holding {n} tensors "
+                                  f"(source {source}); refusing to guess what it is")
+        else:
+            out.metadata.append(name)

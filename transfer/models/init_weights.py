@@ -110,6 +110,33 @@ def read_init(spec: str, c4: bool) -> tuple[dict, dict]:
         raise SystemExit(f"error: {e}") from e
 
 
+def apply_stride_in_1x1(model: nn.Module) -> int:
+    """Move each strided bottleneck's stride from its 3x3 conv to its first 1x1 conv.
+
+    MSRA / Caffe2 ResNets (detectron2 ``RESNETS.STRIDE_IN_1X1: True``, mmdet ``style='caffe'``)
+    downsample in ``conv1``; torchvision's ("ResNet v1.5") in ``conv2``. Weight shapes are the
+    same, so weights of one layout load silently into the other; this makes the model follow
+    the weights. The shortcut's strided 1x1 conv is unchanged.
+
+    Returns:
+        the number of blocks changed.
+
+    Raises:
+        ValueError: the model has no torchvision Bottleneck with a strided 3x3 conv.
+    """
+    from torchvision.models.resnet import Bottleneck
+
+    changed = 0
+    for block in model.modules():
+        if isinstance(block, Bottleneck) and block.conv2.stride != (1, 1):
+            block.conv1.stride, block.conv2.stride = block.conv2.stride, (1, 1)
+            changed += 1
+    if not changed:
+        raise ValueError("stride_in_1x1 weights need a torchvision ResNet bottleneck backbone "
+                         "(e.g. --backbone resnet50)")
+    return changed
+
+
 def initialise_detector(model: nn.Module, spec: str | None, parts=None, c4: bool = False, usable=None):
     """Load an init spec into ``model``.
 
