@@ -283,3 +283,43 @@ def test_caffe2_r50_pkl_layout_and_stride_in_1x1(tmp_path):
         got = net.layer2[0](x)
     want = _c2_bottleneck_reference(obj["blobs"], x, "res3_0", stride=2)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_caffe2_init_fine_tunes_with_its_stride_and_pixels(tmp_path, monkeypatch):
+    """``--init`` from a converted R-50.pkl: BGR / std-1 input and stride_in_1x1 are used in
+    training, stored in the checkpoint and restored for --eval-only (identical metrics)."""
+    from demo.data import make_demo_data
+    from transfer import finetune as ft
+    from transfer.finetune import main as finetune
+    from transfer.models.init_weights import apply_stride_in_1x1
+    changed = []
+
+    def recording(model):  # the real function, counting the blocks it moves the stride in
+        changed.append(apply_stride_in_1x1(model))
+        return changed[-1]
+    monkeypatch.setattr(ft, "apply_stride_in_1x1", recording)
+    g = torch.Generator().manual_seed(0)
+    net = torchvision.models.resnet50(weights=None)
+    sd = {k: (torch.rand(v.shape, generator=g) - 0.5) * 0.05 if v.ndim > 1 else torch.rand(v.shape, generator=g) + 0.5
+          for k, v in net.state_dict().items() if v.is_floating_point() and not k.startswith("fc.")}
+    with open(tmp_path / "R-50.pkl", "wb") as f:
+        pickle.dump(caffe2_blobs(sd), f, protocol=2)
+    convert_main([str(tmp_path / "R-50.pkl"), str(tmp_path / "msra_init.pth")])
+    data = make_demo_data(str(tmp_path / "demo"), num_classes=1, images_per_class=1, coco_train=2, coco_val=2,
+                          image_size=64, photos=False, progress=False)
+    common = ["--train-images", data["coco_train_images"], "--train-ann", data["coco_train_json"],
+              "--val-images", data["coco_val_images"], "--val-ann", data["coco_val_json"],
+              "--detector", "fasterrcnn_fpn", "--backbone", "resnet50", "--norm", "backbone=frozenbn,fpn=bn,head=bn",
+              "--fpn-channels", "16", "--conv-dim", "16", "--fc-dim", "32", "--min-sizes-train", "64",
+              "--max-size-train", "64", "--min-size-test", "64", "--max-size-test", "64",
+              "--rpn-post-nms-top-n-train", "16", "--rpn-post-nms-top-n-test", "16", "--box-batch-size-per-image", "16",
+              "--batch-size", "2", "--reference-batch", "2", "--num-workers", "0", "--device", "cpu",
+              "--no-tensorboard", "--score-thresh", "0.0"]
+    out = tmp_path / "ft"
+    trained = finetune(common + ["--init", str(tmp_path / "msra_init.pth"), "--max-iter", "1", "--warmup-iters", "1",
+                                 "--steps", "5", "--output-dir", str(out)])
+    ckpt = torch.load(out / "model_final.pth", weights_only=True)
+    assert ckpt["stride_in_1x1"] is True and ckpt["pixel"]["channels"] == "BGR"
+    again = finetune(common + ["--eval-only", "--weights", str(out / "model_final.pth"),
+                               "--output-dir", str(tmp_path / "ev")])
+    assert again["bbox"] == trained["bbox"] and changed == [3, 3]  # layer2-4 of both runs

@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Every source key is either exported or dropped with a reason; "
                                        "anything else is an error (exit status 1).")
-    p.add_argument("src", metavar="SRC", help="input checkpoint (.pth/.pth.tar/.pt; .pkl for detectron2)")
+    p.add_argument("src", metavar="SRC", help="input checkpoint (.pth/.pth.tar/.pt/.ckpt/.torch; .pkl for "
+                                              "detectron2 and Caffe2/Detectron; .safetensors)")
     p.add_argument("dst", metavar="DST", help="output file (written atomically)")
     p.add_argument("--from", dest="source", default="auto", choices=("auto",) + SOURCES,
                    help="source format; 'auto' recognises it from the keys and prints what it found")
