@@ -23,7 +23,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DistributedSampler
 
 from socokit import distributed as sdist
 from socokit.backbones import PIXEL_CONVENTION
@@ -39,36 +38,6 @@ CHECKPOINT_VERSION = 1
 
 class TooManyBadImagesError(RuntimeError):
     """More than ``max_bad_fraction`` of the images of an epoch were unreadable and replaced."""
-
-
-class ResumableDistributedSampler(DistributedSampler):
-    """``DistributedSampler`` that can start an epoch part-way (for mid-epoch resume).
-
-    The order of an epoch depends only on ``(seed, epoch)``; ``set_start(k)`` skips this
-    rank's first ``k`` indices of the current epoch, so the images seen before a mid-epoch
-    checkpoint are not seen twice. ``set_epoch`` resets the start to 0.
-    """
-
-    def __init__(self, dataset, num_replicas: int, rank: int, seed: int = 0):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True,
-                         seed=seed, drop_last=True)
-        self.start_index = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        self.start_index = 0
-
-    def set_start(self, start_index: int) -> None:
-        if not 0 <= start_index <= self.num_samples:
-            raise ValueError(f"start index {start_index} outside [0, {self.num_samples}]")
-        self.start_index = start_index
-
-    def __iter__(self):
-        indices = list(super().__iter__())
-        return iter(indices[self.start_index:])
-
-    def __len__(self) -> int:
-        return self.num_samples - self.start_index
 
 
 @dataclass

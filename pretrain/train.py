@@ -19,22 +19,23 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from pretrain.data import AUGS, UnreadableImagesError, build_pretrain_dataset
-from pretrain.engine import (CHECKPOINT_FORMAT, LoopSettings, ResumableDistributedSampler,
-                             TooManyBadImagesError, checkpoint_state, train_one_epoch)
+from pretrain.engine import (CHECKPOINT_FORMAT, LoopSettings, TooManyBadImagesError, checkpoint_state,
+                             train_one_epoch)
 from pretrain.models import ARCHS, build_model
 from pretrain.models.base import HEAD_MODES
 from pretrain.models.soco_fpn import ROI_LEVEL_MODES
 from pretrain.optim import build_optimizer
 from pretrain.schedules import lr_schedule, momentum_schedule, scaled_lr
 from socokit import distributed as sdist
-from socokit.checkpoint import (capture_rng_state, latest_checkpoint, load_checkpoint,
-                                restore_rng_state, save_checkpoint)
+from socokit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from socokit.config import add_config_argument, config_to_dict, parse_args_with_config, save_config
 from socokit.fileio import CheckpointError, atomic_save_json, check_writable_dir
 from socokit.log import setup_logging
 from socokit.proposal_store import StoreError
-from socokit.training import (NonFiniteLossError, ProgressMeter, TensorboardWriter, make_grad_scaler,
-                              seed_everything, seed_worker)
+from socokit.resume import (ResumableDistributedSampler, ResumeError, check_schedule, gather_rng_states,
+                            restore_rank_rng)
+from socokit.training import (AMP_MODES, NonFiniteLossError, ProgressMeter, TensorboardWriter,
+                              make_grad_scaler, resolve_amp, seed_everything, seed_worker)
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -114,7 +115,7 @@ def _add_runtime_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("runtime")
     g.add_argument("--output-dir", default="output/pretrain", help="checkpoints, logs, TensorBoard")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
+    g.add_argument("--amp", default="auto", choices=AMP_MODES,
                    help="mixed precision; auto = bf16 on CUDA if supported (else fp16), none on CPU")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
                    help="channels-last memory format (faster convs on recent GPUs)")
@@ -145,15 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_amp(amp: str, device: torch.device) -> str:
-    """``auto`` → bf16 on CUDA when supported (fp16 otherwise), none on CPU."""
-    if amp != "auto":
-        return amp
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "none"
-
-
 def check_inputs(args: argparse.Namespace) -> None:
     """Fail early, naming the missing path, instead of deep inside the data loader."""
     if not args.data or (not args.proposals and args.arch != "BYOL"):
@@ -169,12 +161,6 @@ def check_inputs(args: argparse.Namespace) -> None:
         raise SystemExit("error: --output-size is fixed at 7 (the box head's fc expects 7x7 RoIs)")
 
 
-def loader_seed(seed: int, rank: int, start_step: int) -> int:
-    """Seed of the DataLoader generator (worker base seeds): per rank, and fresh after a
-    resume so that persistent workers do not replay the first run's augmentation streams."""
-    return (seed * 1_000_003 + rank * 10_007 + start_step * 7_919) % 2**63
-
-
 def _build_dataset(args: argparse.Namespace):
     return build_pretrain_dataset(
         args.data, args.proposals, arch=args.arch, aug=args.aug, image_size=args.image_size,
@@ -187,7 +173,11 @@ def _build_dataset(args: argparse.Namespace):
 
 
 def build_loader(args: argparse.Namespace, info: sdist.DistInfo):
-    """Dataset, resumable distributed sampler and DataLoader (drop_last, seeded workers)."""
+    """Dataset, resumable distributed sampler and DataLoader (drop_last).
+
+    Every sample's randomness comes from ``(seed, epoch, index)`` (the sampler's ``SampleKey``),
+    so neither the number of workers nor a resume changes what a sample looks like.
+    """
     try:
         dataset = _build_dataset(args)
     except (ValueError, FileNotFoundError, StoreError) as e:
@@ -195,8 +185,8 @@ def build_loader(args: argparse.Namespace, info: sdist.DistInfo):
                          f"--proposals {args.proposals!r}: {e}") from None
     sampler = ResumableDistributedSampler(dataset, info.world_size, info.rank, seed=args.seed)
     # The loader's own generator draws the workers' base seed, so loading never consumes the
-    # global torch RNG (that keeps a resumed single-process run bitwise identical).
-    generator = torch.Generator().manual_seed(loader_seed(args.seed, info.rank, 0))
+    # global torch RNG (restored on resume).
+    generator = torch.Generator().manual_seed(args.seed + info.rank)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
                         num_workers=args.num_workers, pin_memory=info.device.type == "cuda",
                         drop_last=True, persistent_workers=args.num_workers > 0,
@@ -244,6 +234,10 @@ def wrap_ddp(model: nn.Module, info: sdist.DistInfo) -> nn.Module:
                                    find_unused_parameters=False)
 
 
+#: schedule values a resumed run must share with its checkpoint.
+SCHEDULE_KEYS = ("iters_per_epoch", "total_iters", "warmup_iters", "peak_lr")
+
+
 def make_schedule(args: argparse.Namespace, world_size: int, iters_per_epoch: int):
     """Per-iteration LR and EMA-momentum arrays plus the numbers that define them."""
     total_iters = iters_per_epoch * args.epochs
@@ -257,12 +251,16 @@ def make_schedule(args: argparse.Namespace, world_size: int, iters_per_epoch: in
     return schedule, lr_values, momentum_values
 
 
-def resume_from(path: str, *, args, model, optimizer, scaler, schedule: dict, info) -> int:
+def resume_from(path: str, *, args, model, optimizer, scaler, schedule: dict, info, logger) -> int:
     """Load a checkpoint into the unwrapped model, optimiser and scaler; return its step.
 
+    Follows the resume policy of :mod:`socokit.resume`: the schedule must be the same, each
+    rank's RNG states are restored (reseeded when the world size changed).
+
     Raises:
-        SystemExit: the file is not a pretraining checkpoint of this arch/backbone, or its
-            schedule (iterations per epoch, total iterations, peak LR) differs from this run's.
+        SystemExit: the file is unreadable, not a pretraining checkpoint of this arch/backbone,
+            or its schedule (iterations per epoch, total and warmup iterations, peak LR)
+            differs from this run's.
     """
     try:
         ckpt = load_checkpoint(path)
@@ -273,19 +271,18 @@ def resume_from(path: str, *, args, model, optimizer, scaler, schedule: dict, in
     if (ckpt["arch"], ckpt["backbone"]) != (args.arch, args.backbone):
         raise SystemExit(f"error: {path} holds {ckpt['arch']}/{ckpt['backbone']}, this run is "
                          f"{args.arch}/{args.backbone}")
-    for key in ("iters_per_epoch", "total_iters", "warmup_iters", "peak_lr"):
-        if ckpt["schedule"].get(key) != schedule[key]:
-            raise SystemExit(
-                f"error: {path} was trained with {key}={ckpt['schedule'].get(key)}, this run has "
-                f"{schedule[key]}; resume with the same batch size, world size, epochs and "
-                "learning rate, or start a new --output-dir")
+    try:
+        check_schedule(ckpt.get("schedule"), {k: schedule[k] for k in SCHEDULE_KEYS}, path,
+                       "resume with the same total batch (batch size x world size), epochs and "
+                       "learning rate, or start a new --output-dir")
+    except ResumeError as e:
+        raise SystemExit(f"error: {e}") from None
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
-    rng = ckpt.get("rng") or []
-    if len(rng) == info.world_size:
-        restore_rng_state(rng[info.rank])
+    restore_rank_rng(ckpt.get("rng"), rank=info.rank, world_size=info.world_size, seed=args.seed,
+                     step=int(ckpt["step"]), logger=logger)
     return int(ckpt["step"])
 
 
@@ -294,7 +291,7 @@ def make_saver(*, args, config: dict, model, optimizer, scaler, schedule: dict, 
     ipe = schedule["iters_per_epoch"]
 
     def save(next_step: int, kind: str) -> None:
-        rng = sdist.all_gather_object(capture_rng_state())
+        rng = gather_rng_states()
         if not info.is_main:
             return
         epoch = next_step // ipe
@@ -310,7 +307,10 @@ def make_saver(*, args, config: dict, model, optimizer, scaler, schedule: dict, 
 
 def run(args: argparse.Namespace, info: sdist.DistInfo, logger: logging.Logger) -> None:
     """Build everything from ``args`` and train until the end (or ``--stop-at-step``)."""
-    amp = resolve_amp(args.amp, info.device)
+    try:
+        amp = resolve_amp(args.amp, info.device)
+    except ValueError as e:
+        raise SystemExit(f"error: --amp: {e}") from None
     config = config_to_dict(args)
     if info.is_main:
         save_config(args, os.path.join(args.output_dir, "config.yaml"))
@@ -332,11 +332,10 @@ def run(args: argparse.Namespace, info: sdist.DistInfo, logger: logging.Logger) 
     start_step = 0
     if resume_path:
         start_step = resume_from(resume_path, args=args, model=model, optimizer=optimizer,
-                                 scaler=scaler, schedule=schedule, info=info)
+                                 scaler=scaler, schedule=schedule, info=info, logger=logger)
         logger.info("resumed from %s at step %d (epoch %d, lr %.4g, tau %.6f)", resume_path,
                     start_step, start_step // ipe, lr_values[min(start_step, total - 1)],
                     momentum_values[min(start_step, total - 1)])
-        loader.generator.manual_seed(loader_seed(args.seed, info.rank, start_step))
     ddp_model = wrap_ddp(model, info)
     save = make_saver(args=args, config=config, model=model, optimizer=optimizer, scaler=scaler,
                       schedule=schedule, info=info, logger=logger)

@@ -154,6 +154,38 @@ class TensorboardWriter:
 
 
 AMP_CHOICES = ("none", "bf16", "fp16")
+#: what ``--amp`` accepts in every entry point: a resolved mode or "auto" (see :func:`resolve_amp`).
+AMP_MODES = ("auto",) + AMP_CHOICES
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """The one precision policy of every entry point: ``--amp`` value -> resolved mode.
+
+    ``auto`` is bf16 on a CUDA device that supports it (Ampere or newer), fp16 with a
+    GradScaler on older CUDA devices, and none (float32) on CPU and other devices.
+
+    Args:
+        amp: one of :data:`AMP_MODES`.
+        device: the device the model runs on.
+
+    Returns:
+        One of :data:`AMP_CHOICES`.
+
+    Raises:
+        ValueError: unknown mode, or fp16 on a device other than CUDA (autocast to fp16 is
+            CUDA-only here; use bf16 or none).
+    """
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp must be one of {AMP_MODES}, got {amp!r}")
+    device = torch.device(device)
+    if amp == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "none"
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError(f"amp fp16 needs a CUDA device, this run is on {device.type}; "
+                         "use bf16 or none")
+    return amp
 
 
 def autocast_context(device: torch.device, amp: str = "none"):

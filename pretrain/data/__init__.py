@@ -35,9 +35,9 @@ Other attributes: ``ds.view_sizes`` (e.g. [224, 224, 112]), ``ds.box_set_views``
 box set, FPN: [0, 0, 1, 2]), ``ds.num_levels`` (P: 4 for FPN/FPN*, 1 for C4, 0 for BYOL),
 ``ds.arch``, ``ds.aug``, ``ds.config``.
 
-Reproducibility: all randomness of a sample comes from one ``numpy.random.Generator`` seeded
-from NumPy's global stream; use ``socokit.training.seed_worker`` as the DataLoader's
-``worker_init_fn``. See docs/pretrain_data.md for the algorithm and the deviations from the
+Reproducibility: all randomness of a sample comes from one ``numpy.random.Generator``; with
+``ds[socokit.resume.SampleKey(i, seed, epoch)]`` (what the training sampler yields) it is seeded
+from ``(seed, epoch, i)``, with ``ds[i]`` from NumPy's global stream. See docs/pretrain_data.md for the algorithm and the deviations from the
 original release.
 """
 from pretrain.data.build import build_pretrain_dataset

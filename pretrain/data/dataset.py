@@ -1,11 +1,12 @@
 """The pretraining dataset: images + proposal store -> multi-view, box-aware samples.
 
-Randomness: each ``__getitem__`` draws a fresh seed from NumPy's global stream and builds one
-``numpy.random.Generator`` that drives everything in the sample (crops, selection, jitter,
-padding, flips, colour, cutout, replacement of unreadable images). NumPy's global stream is
-seeded per DataLoader worker by torch (>= 1.9) and by ``socokit.training.seed_worker``, so
-workers, ranks and epochs get distinct streams and a fixed seed reproduces a run. torch's global
-RNG is not used here.
+Randomness: one ``numpy.random.Generator`` per sample drives everything in it (crops,
+selection, jitter, padding, flips, colour, cutout, replacement of unreadable images). In training
+the sampler (``socokit.resume.ResumableDistributedSampler``) hands ``__getitem__`` a
+``SampleKey(index, seed, epoch)`` and the generator is seeded from those three numbers, so a
+sample does not depend on the number of loader workers, the world size or where a run was
+interrupted (exact resume). A plain integer index draws the generator's seed from NumPy's global
+stream instead (tests, visualisation). torch's global RNG is not used here.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pretrain.topology import LAYOUT_TOPOLOGY, TOPOLOGIES
 from socokit.images import ImageError, load_rgb
 from socokit.log import get_logger
 from socokit.proposal_store import ProposalStore
+from socokit.resume import SampleKey
 
 ARCHS = tuple(TOPOLOGIES)
 AUGS = ("ImageAsymBboxAwareMultiJitter1", "ImageAsymBboxAwareMultiJitter1Cutout",
@@ -128,8 +130,14 @@ class PretrainDataset(Dataset):
                 "boxes": [torch.from_numpy(b) for b in geometry.boxes],
                 "corres": [torch.from_numpy(c) for c in geometry.corres]}
 
-    def __getitem__(self, index: int) -> dict:
-        rng = np.random.default_rng(np.random.randint(0, 2**32, size=4, dtype=np.uint64))
+    def __getitem__(self, key) -> dict:
+        """Sample ``key``: a :class:`socokit.resume.SampleKey` (training: randomness from
+        ``(seed, epoch, index)``) or a plain index (randomness from NumPy's global stream)."""
+        if isinstance(key, SampleKey):
+            rng, index = key.rng(), key.index
+        else:
+            rng = np.random.default_rng(np.random.randint(0, 2**32, size=4, dtype=np.uint64))
+            index = key
         current, failures, reasons = int(index), 0, []
         while True:
             try:
