@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Sampler
 from torchvision import datasets, transforms
 
 from pretrain.schedules import lr_schedule, scaled_lr
@@ -35,7 +35,10 @@ from socokit.config import add_config_argument, config_to_dict, parse_args_with_
 from socokit.fileio import CheckpointError, atomic_save_json, check_writable_dir
 from socokit.images import ImageError, load_rgb
 from socokit.log import setup_logging
-from socokit.training import ProgressMeter, autocast_context, seed_everything, seed_worker
+from socokit.resume import (ResumableDistributedSampler, ResumeError, SampleKey, check_schedule,
+                            gather_rng_states, restore_rank_rng)
+from socokit.training import (AMP_MODES, ProgressMeter, autocast_context, resolve_amp, seed_everything,
+                              seed_worker)
 
 UNREADABLE = -1  # target of an unreadable image: ignored by the loss and the accuracy
 
@@ -61,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bn-train", action="store_true", help="keep the frozen backbone's BN in train "
                    "mode (the original's behaviour: batch statistics, running stats drift)")
     p.add_argument("--num-workers", type=int, default=8, help="DataLoader workers per process")
-    p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
-                   help="autocast for the frozen backbone; auto = bf16 on CUDA, none on CPU")
+    p.add_argument("--amp", default="auto", choices=AMP_MODES,
+                   help="autocast for the frozen backbone; auto = bf16 on CUDA if supported (else "
+                        "fp16), none on CPU")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0, help="base seed (rank r uses seed + r)")
     p.add_argument("--auto-resume", action=argparse.BooleanOptionalAction, default=True,
@@ -131,19 +135,29 @@ def load_frozen_backbone(ckpt: dict, path: str, bn_train: bool = False) -> Froze
 
 
 class SafeImageFolder(datasets.ImageFolder):
-    """ImageFolder whose unreadable images become blank images with target ``UNREADABLE``."""
+    """ImageFolder whose unreadable images become blank images with target ``UNREADABLE``.
+
+    ``__getitem__`` takes an index or a :class:`socokit.resume.SampleKey`; with a key the
+    (torch-RNG based) torchvision transforms draw from a generator seeded with
+    ``(seed, epoch, index)``, so a training sample does not depend on the loader workers.
+    """
 
     def __init__(self, root: str, transform, blank_size: int):
         super().__init__(root, transform=transform, loader=load_rgb)
         self.blank_size = blank_size
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key):
+        index = key.index if isinstance(key, SampleKey) else key
         path, target = self.samples[index]
         try:
             img = self.loader(path)
         except ImageError:
             img, target = Image.new("RGB", (self.blank_size, self.blank_size)), UNREADABLE
-        return self.transform(img), target
+        if not isinstance(key, SampleKey):
+            return self.transform(img), target
+        with torch.random.fork_rng(devices=[]):  # leaves the caller's torch RNG untouched
+            torch.manual_seed(key.seed_value())
+            return self.transform(img), target
 
 
 class ShardSampler(Sampler):
@@ -174,11 +188,11 @@ def build_loaders(args, info, pixel: dict):
         raise SystemExit(f"error: --data {args.data!r}: {e}") from None
     if train_set.class_to_idx != val_set.class_to_idx:
         raise SystemExit(f"error: {args.data}: train/ and val/ hold different class folders")
-    sampler = DistributedSampler(train_set, info.world_size, info.rank, shuffle=True,
-                                 seed=args.seed, drop_last=True)
+    sampler = ResumableDistributedSampler(train_set, info.world_size, info.rank, seed=args.seed)
     common = dict(num_workers=args.num_workers, pin_memory=info.device.type == "cuda",
                   worker_init_fn=seed_worker, persistent_workers=args.num_workers > 0)
-    train_loader = DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=True, **common)
+    train_loader = DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=True,
+                              generator=torch.Generator().manual_seed(args.seed + info.rank), **common)
     val_loader = DataLoader(val_set, args.batch_size, sampler=ShardSampler(len(val_set), info.rank,
                                                                            info.world_size), **common)
     if len(train_loader) == 0:
@@ -235,7 +249,12 @@ def train_epoch(backbone, fc, loader, optimizer, lr_values, first_step: int, dev
     return total / max(n, 1)
 
 
-def _resume(args, fc, optimizer, logger) -> tuple[int, list]:
+def _resume(args, fc, optimizer, schedule: dict, info, logger) -> tuple[int, list]:
+    """Continue from ``OUTPUT_DIR/current.pth`` under the policy of :mod:`socokit.resume`.
+
+    Raises:
+        SystemExit: unreadable file, not a linear-evaluation checkpoint, or another schedule.
+    """
     path = latest_checkpoint(args.output_dir) if args.auto_resume else None
     if not path:
         return 0, []
@@ -243,10 +262,18 @@ def _resume(args, fc, optimizer, logger) -> tuple[int, list]:
         ckpt = load_checkpoint(path)
     except CheckpointError as e:
         raise SystemExit(f"error: cannot resume: {e}") from None
-    if ckpt.get("format") != "soco-linear":
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "soco-linear":
         raise SystemExit(f"error: {path} is not a linear-evaluation checkpoint")
+    try:
+        check_schedule(ckpt.get("schedule"), schedule, path,
+                       "resume with the same total batch (batch size x world size), epochs and "
+                       "learning rate, or start a new --output-dir")
+    except ResumeError as e:
+        raise SystemExit(f"error: {e}") from None
     fc.load_state_dict(ckpt["fc"])
     optimizer.load_state_dict(ckpt["optimizer"])
+    restore_rank_rng(ckpt.get("rng"), rank=info.rank, world_size=info.world_size, seed=args.seed,
+                     step=int(ckpt["epoch"]) * schedule["iters_per_epoch"], logger=logger)
     logger.info("resumed from %s after epoch %d", path, ckpt["epoch"])
     return int(ckpt["epoch"]), list(ckpt.get("history", []))
 
@@ -257,7 +284,10 @@ def run(args, info, logger) -> dict:
     except CheckpointError as e:
         raise SystemExit(f"error: --pretrained: {e}") from None
     backbone = load_frozen_backbone(ckpt, args.pretrained, args.bn_train).to(info.device)
-    amp = args.amp if args.amp != "auto" else ("bf16" if info.device.type == "cuda" else "none")
+    try:
+        amp = resolve_amp(args.amp, info.device)
+    except ValueError as e:
+        raise SystemExit(f"error: --amp: {e}") from None
     train_loader, sampler, val_loader, num_classes = build_loaders(args, info, ckpt.get("pixel") or PIXEL_CONVENTION)
     with torch.no_grad():
         feat_dim = backbone(torch.zeros(1, 3, 64, 64, device=info.device)).shape[1]
@@ -269,9 +299,12 @@ def run(args, info, logger) -> dict:
     optimizer = torch.optim.SGD(fc.parameters(), lr=0.0, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     ipe = len(train_loader)
-    lr_values = lr_schedule(scaled_lr(args.base_lr, args.batch_size * info.world_size),
-                            ipe * args.epochs, ipe * args.warmup_epoch, args.warmup_multiplier, args.eta_min)
-    start_epoch, history = _resume(args, fc, optimizer, logger)
+    schedule = {"iters_per_epoch": ipe, "total_iters": ipe * args.epochs,
+                "warmup_iters": ipe * args.warmup_epoch,
+                "peak_lr": scaled_lr(args.base_lr, args.batch_size * info.world_size)}
+    lr_values = lr_schedule(schedule["peak_lr"], schedule["total_iters"], schedule["warmup_iters"],
+                            args.warmup_multiplier, args.eta_min)
+    start_epoch, history = _resume(args, fc, optimizer, schedule, info, logger)
     fc_ddp = DistributedDataParallel(fc, device_ids=[info.device] if info.device.type == "cuda" else None) \
         if info.distributed else fc
     logger.info("linear eval of %s (%s/%s): %d classes, %d-d features, %d it/epoch, BN %s",
@@ -288,14 +321,17 @@ def run(args, info, logger) -> dict:
         history.append(metrics)
         logger.info("epoch %d: top1 %.2f top5 %.2f (%d val images, %d unreadable)", epoch + 1,
                     metrics["top1"], metrics["top5"], metrics["num_images"], metrics["unreadable"])
+        save_now = (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs
+        rng = gather_rng_states() if save_now else None  # every rank takes part
         if info.is_main:
             summary = {"pretrained": os.path.abspath(args.pretrained), "final": metrics,
                        "best_top1": max(h["top1"] for h in history), "history": history}
             atomic_save_json(summary, os.path.join(args.output_dir, "metrics.json"))
-            if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
+            if save_now:
                 save_checkpoint({"format": "soco-linear", "version": 1, "fc": fc.state_dict(),
                                  "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                                 "config": config_to_dict(args), "history": history},
+                                 "config": config_to_dict(args), "history": history,
+                                 "schedule": schedule, "rng": rng},
                                 args.output_dir, f"linear_epoch_{epoch + 1:04d}.pth")
     sdist.barrier()
     return history[-1] if history else {}

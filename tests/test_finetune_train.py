@@ -7,7 +7,7 @@ differences), 2 processes x 1 image and 1 process x 2 images compute the same gr
 float summation order; the sampler gives both the same images and augmentations.
 """
 import os
-import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -53,12 +53,23 @@ def test_train_checkpoint_resume_and_eval_only(demo, tmp_path):
         assert (out / name).exists(), name
     final = _weights(out / "model_final.pth")
     assert torch.load(out / "model_final.pth", weights_only=True)["iteration"] == 4
-    # an interrupted run (checkpoint at 2 as its newest save) continues the same schedule
+    # An interrupted run: 2 loader workers, killed with SIGKILL as iteration 3 starts (newest
+    # save: iteration 2), resumed with 1 worker. It ends bit for bit where the uninterrupted run
+    # without workers ended: augmentation comes from the stream position, RoI sampling from the
+    # restored RNG.
     resumed = tmp_path / "b"
-    resumed.mkdir()
-    shutil.copy(out / "model_0000002.pth", resumed / "current.pth")
-    metrics_b = main(_argv(demo, resumed, "--max-iter", "4", "--steps", "3", "--checkpoint-period", "2"))
+    schedule = ("--max-iter", "4", "--steps", "3", "--checkpoint-period", "2")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "killed_run.py"), "finetune", "3",
+                           *_argv(demo, resumed, *schedule, "--num-workers", "2")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert torch.load(resumed / "current.pth", weights_only=True)["iteration"] == 2
+    with pytest.raises(SystemExit, match="max_iter=4, this run has max_iter=6"):
+        main(_argv(demo, resumed, "--max-iter", "6", "--steps", "3"))  # another schedule: refused
+    metrics_b = main(_argv(demo, resumed, *schedule, "--num-workers", "1"))
     again = _weights(resumed / "model_final.pth")
+    assert final.keys() == again.keys()
     assert all(torch.equal(final[k], again[k]) for k in final), "resume diverged from the uninterrupted run"
     assert metrics_b["bbox"] == metrics["bbox"]
     # evaluation only, from the weights file

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -197,11 +198,27 @@ def test_other_archs_train_a_step_with_bf16_and_channels_last(tiny_data, tmp_pat
     assert np.isfinite(_records(tmp_path)[0]["loss"])
 
 
+def _check_tiny_cpu(args):
+    """The tiny recipe is SoCo_FPN_100ep's algorithm at demo scale (its header says so)."""
+    assert (args.arch, args.backbone, args.image_size, args.device, args.amp) == (
+        "SoCo_FPN", "timm:resnet18", 64, "cpu", "none")
+    assert (args.batch_size, args.epochs, args.warmup_epoch, args.num_workers) == (8, 2, 1, 2)
+    assert (args.fpn_channels, args.conv_dim, args.fc_dim, args.mlp_hidden_dim, args.out_dim) == (32, 32, 128, 256, 64)
+    # FPN level thresholds of the 224-pixel recipes scaled to 64-pixel views, rounded up.
+    assert args.aware_range == [math.ceil(t * 64 / 224) for t in (48, 96, 192, 224)] + [0] == [14, 28, 55, 64, 0]
+    reference = parse_args_with_config(pretrain_train.build_parser(),
+                                       ["--config", str(CONFIGS / "SoCo_FPN_100ep.yaml")])
+    for key in ("aug", "optimizer", "base_lr", "weight_decay", "contrast_momentum", "crop", "jitter_prob",
+                "cutout_prob", "warmup_multiplier", "eta_min", "select_k", "padding_k", "momentum"):
+        assert getattr(args, key) == getattr(reference, key), key
+
+
 @pytest.mark.parametrize("recipe", RECIPES + ["tiny_cpu"])
 def test_recipes_parse(recipe):
     args = parse_args_with_config(pretrain_train.build_parser(),
                                   ["--config", str(CONFIGS / f"{recipe}.yaml")])
     if recipe == "tiny_cpu":
+        _check_tiny_cpu(args)
         return
     assert (args.base_lr, args.batch_size, args.optimizer, args.weight_decay) == (1.0, 128, "lars", 1e-5)
     assert (args.warmup_epoch, args.contrast_momentum, args.backbone) == (10, 0.99, "resnet50")

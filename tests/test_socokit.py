@@ -24,16 +24,54 @@ def test_load_rgb_converts_every_mode(tmp_path):
     cases = {
         "rgb.png": Image.fromarray(rgb),
         "gray.png": Image.fromarray(rgb[..., 0], "L"),
-        "rgba.png": Image.fromarray(np.dstack([rgb, np.full((20, 30), 128, np.uint8)]), "RGBA"),
-        "pal.png": Image.fromarray(rgb).convert("P"),
-        "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"),
         "g16.png": Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)),
     }
     for name, img in cases.items():
         out = images.load_rgb_array(_save(img, tmp_path / name))
         assert out.shape == (20, 30, 3) and out.dtype == np.uint8, name
+    np.testing.assert_array_equal(images.load_rgb_array(str(tmp_path / "rgb.png")), rgb)
+    gray = images.load_rgb_array(str(tmp_path / "gray.png"))
+    np.testing.assert_array_equal(gray, np.repeat(rgb[..., :1], 3, axis=2))  # grey copied to R, G, B
     g16 = images.load_rgb_array(str(tmp_path / "g16.png"))
-    np.testing.assert_array_equal(g16[..., 0], rgb[..., 0])  # 16-bit scaled back to 8-bit
+    np.testing.assert_array_equal(g16, np.repeat(rgb[..., :1], 3, axis=2))  # 16-bit scaled back to 8-bit
+
+
+def _over_white(colour, alpha):
+    """Hand reference: straight alpha composited over an opaque white background."""
+    return np.round(np.asarray(colour, np.float64) * alpha / 255.0 + 255.0 * (1.0 - alpha / 255.0))
+
+
+def test_load_rgb_composites_transparency_over_white(tmp_path):
+    colours = np.array([[200, 100, 50], [200, 100, 50], [200, 100, 50], [10, 20, 30]], np.uint8)
+    alphas = np.array([0, 255, 128, 64], np.uint8)
+    rgba = np.dstack([colours[None], alphas[None, :, None]])  # 1 x 4 pixels
+    out = images.load_rgb_array(_save(Image.fromarray(rgba, "RGBA"), tmp_path / "rgba.png"))[0]
+    expected = np.stack([_over_white(c, a) for c, a in zip(colours, alphas)])
+    assert out[0].tolist() == [255, 255, 255] and out[1].tolist() == [200, 100, 50]
+    np.testing.assert_allclose(out, expected, atol=1)  # PIL rounds the blend in integers
+    la = np.dstack([np.array([[90, 90, 240]], np.uint8), np.array([[255, 0, 100]], np.uint8)])
+    out = images.load_rgb_array(_save(Image.fromarray(la, "LA"), tmp_path / "la.png"))[0]
+    np.testing.assert_allclose(out, np.stack([_over_white([g] * 3, a) for g, a in ((90, 255), (90, 0), (240, 100))]),
+                               atol=1)
+
+
+def test_load_rgb_palette_and_cmyk_match_hand_references(tmp_path):
+    palette = [(255, 0, 0), (0, 128, 255), (17, 34, 51), (250, 250, 0)]
+    indices = np.array([[0, 1, 2, 3], [3, 2, 1, 0]], np.uint8)
+    pal = Image.fromarray(indices, "P")
+    pal.putpalette([c for colour in palette for c in colour])
+    out = images.load_rgb_array(_save(pal, tmp_path / "pal.png"))
+    np.testing.assert_array_equal(out, np.array(palette, np.uint8)[indices])  # index -> palette colour
+    # With a transparent palette entry (index 2), those pixels become the white background.
+    out = images.load_rgb_array(_save(pal, tmp_path / "pal_t.png", transparency=2))
+    expected = np.array(palette, np.uint8)[indices]
+    expected[indices == 2] = 255
+    np.testing.assert_array_equal(out, expected)
+    # CMYK -> RGB: R = 255 - C, G = 255 - M, B = 255 - Y without black ink, and 255 - K for pure
+    # black ink (where the additive and multiplicative textbook formulas agree). TIFF is lossless.
+    cmyk = np.array([[[0, 0, 0, 0], [255, 0, 0, 0], [100, 50, 0, 0], [0, 0, 0, 255], [0, 0, 0, 55]]], np.uint8)
+    out = images.load_rgb_array(_save(Image.fromarray(cmyk, "CMYK"), tmp_path / "cmyk.tif"))
+    assert out[0].tolist() == [[255, 255, 255], [0, 255, 255], [155, 205, 255], [0, 0, 0], [200, 200, 200]]
 
 
 def test_load_rgb_applies_exif_rotation(tmp_path):

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from socokit import distributed as sdist
-from socokit.checkpoint import capture_rng_state, save_checkpoint
+from socokit.checkpoint import save_checkpoint
+from socokit.resume import gather_rng_states
 from socokit.fileio import atomic_save_json
 from socokit.log import get_logger
 from socokit.training import ProgressMeter, autocast_context, check_finite
@@ -95,11 +96,15 @@ def train_step(model, batches, state: TrainState, device) -> dict:
     return logged
 
 
-def checkpoint_state(model_without_ddp: nn.Module, state: TrainState) -> dict:
-    """A plain-dict checkpoint (``weights_only`` loadable)."""
+def checkpoint_state(model_without_ddp: nn.Module, state: TrainState, rng: list) -> dict:
+    """A plain-dict checkpoint (``weights_only`` loadable).
+
+    Args:
+        rng: every rank's RNG states (index = rank), from ``socokit.resume.gather_rng_states``.
+    """
     return {"format": "soco-finetune", "version": 1, "model": model_without_ddp.state_dict(),
             "optimizer": state.optimizer.state_dict(), "scaler": state.scaler.state_dict(),
-            "iteration": state.iteration, "rng": capture_rng_state(), **state.extra}
+            "iteration": state.iteration, "rng": rng, **state.extra}
 
 
 def evaluate(model_without_ddp, loader, evaluator, device, amp: str, output_dir: str | None,
@@ -130,9 +135,10 @@ def _after_step(model, model_without_ddp, state: TrainState, device, output_dir,
                           lambda b: model(*to_device(*b, device)))
         logger.info("precise BN: statistics recomputed over %d batches", used)
     if (checkpoint_period and state.iteration % checkpoint_period == 0) or done:
+        rng = gather_rng_states()  # every rank takes part
         if sdist.is_main_process():
             name = "model_final.pth" if done else f"model_{state.iteration:07d}.pth"
-            save_checkpoint(checkpoint_state(model_without_ddp, state), output_dir, name)
+            save_checkpoint(checkpoint_state(model_without_ddp, state, rng), output_dir, name)
         sdist.barrier()
     if not eval_now:
         return None

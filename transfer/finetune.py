@@ -16,11 +16,12 @@ import os
 import torch
 
 from socokit import distributed as sdist
-from socokit.checkpoint import latest_checkpoint, load_checkpoint, restore_rng_state
+from socokit.checkpoint import latest_checkpoint, load_checkpoint
 from socokit.config import add_config_argument, config_to_dict, parse_args_with_config, save_config
 from socokit.fileio import CheckpointError, atomic_save_json, check_writable_dir
 from socokit.log import setup_logging
-from socokit.training import AMP_CHOICES, TensorboardWriter, make_grad_scaler, seed_everything
+from socokit.resume import ResumeError, check_schedule, restore_rank_rng
+from socokit.training import AMP_MODES, TensorboardWriter, make_grad_scaler, resolve_amp, seed_everything
 from transfer.categories import (REMAP_CHOICES, CategoryMismatchError, label_to_category, match_categories,
                                   plain_categories, relabel_records)
 from transfer.data import AnnotationError, build_test_loader, build_train_loader, load_split
@@ -124,7 +125,9 @@ def _add_solver_args(s) -> None:
 def _add_run_args(r) -> None:
     r.add_argument("--output-dir", default="output/finetune", help="checkpoints, logs, metrics.json")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    r.add_argument("--amp", default="none", choices=AMP_CHOICES, help="mixed precision (fp16 uses a GradScaler)")
+    r.add_argument("--amp", default="none", choices=AMP_MODES,
+                   help="mixed precision: none (float32, as the detectron2 reference runs), bf16, fp16 "
+                        "(with a GradScaler) or auto (bf16 on CUDA if supported, else fp16; none on CPU)")
     r.add_argument("--seed", type=int, default=0, help="seed of the data stream and of the initialisation")
     r.add_argument("--eval-period", type=int, default=0, help="evaluate every N iterations (0 = only at the end)")
     r.add_argument("--checkpoint-period", type=int, default=5000, help="save every N iterations")
@@ -316,6 +319,10 @@ def run(args, dist, logger) -> dict | None:
                     args.init, report["loaded"], report["parts"], len(report["new"]),
                     (": " + summarise_keys(report["new"])) if report["loaded"] else "")
     device = dist.device
+    try:
+        amp = resolve_amp(args.amp, device)
+    except ValueError as e:
+        raise SystemExit(f"error: --amp: {e}") from None
     channels_last = args.channels_last if args.channels_last is not None else device.type == "cuda"
     model.transform.channels_last = channels_last
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
@@ -332,7 +339,7 @@ def run(args, dist, logger) -> dict | None:
 
     def eval_fn(iteration):
         try:
-            return evaluate(model, test_loader, evaluator, device, args.amp, args.output_dir, iteration)
+            return evaluate(model, test_loader, evaluator, device, amp, args.output_dir, iteration)
         except Exception as e:  # noqa: BLE001 - any evaluator failure is reported with its cause
             saved = args.weights if args.eval_only else os.path.join(args.output_dir, "model_final.pth")
             logger.exception("evaluation at iteration %d failed", iteration)
@@ -343,31 +350,43 @@ def run(args, dist, logger) -> dict | None:
 
     if args.eval_only:
         return eval_fn(int(ckpt.get("iteration", 0)))
-    return run_training(args, dist, logger, model, ckpt, train.records, eval_fn,
+    return run_training(args, dist, logger, model, ckpt, train.records, eval_fn, amp,
                         extra={"pixel": pixel, "stride_in_1x1": report["stride_in_1x1"],
                                "categories": categories, "detector": args.detector,
                                "backbone": args.backbone, "config": config_to_dict(args)})
 
 
-def run_training(args, dist, logger, model, ckpt, train_records, eval_fn, extra) -> dict | None:
+#: schedule values a resumed fine-tuning run must share with its checkpoint.
+SCHEDULE_KEYS = ("total_batch", "max_iter", "lr", "steps", "warmup_iters", "warmup_factor")
+
+
+def run_training(args, dist, logger, model, ckpt, train_records, eval_fn, amp: str, extra) -> dict | None:
     device = dist.device
     total_batch = args.batch_size * dist.world_size * args.accum_steps
     sched = resolve_schedule(args.schedule, args.max_iter, args.steps, args.warmup_iters, args.base_lr,
                              total_batch, args.reference_batch, args.scale_lr)
+    schedule = {"total_batch": total_batch, "max_iter": sched["max_iter"], "lr": sched["lr"],
+                "steps": list(sched["steps"]), "warmup_iters": sched["warmup_iters"],
+                "warmup_factor": args.warmup_factor}
     logger.info("total batch %d: lr %.5g, %d iterations, steps %s, warmup %d", total_batch, sched["lr"],
                 sched["max_iter"], list(sched["steps"]), sched["warmup_iters"])
     optimizer = build_optimizer(model, sched["lr"], args.momentum, args.weight_decay, args.weight_decay_norm)
-    state = TrainState(optimizer, make_grad_scaler(device, args.amp), sched["max_iter"], sched["lr"],
+    state = TrainState(optimizer, make_grad_scaler(device, amp), sched["max_iter"], sched["lr"],
                        sched["steps"], sched["warmup_iters"], args.warmup_factor, args.accum_steps,
-                       args.amp, args.norm_eval, args.clip_grad, extra=extra)
-    if ckpt is not None:
+                       amp, args.norm_eval, args.clip_grad, extra={**extra, "schedule": schedule})
+    if ckpt is not None:  # the resume policy of socokit.resume
+        try:
+            check_schedule(ckpt.get("schedule"), {k: schedule[k] for k in SCHEDULE_KEYS}, args.resume or
+                           latest_checkpoint(args.output_dir), "resume with the same total batch "
+                           "(batch size x processes x accumulation), schedule and learning rate, or "
+                           "start a new --output-dir")
+        except ResumeError as e:
+            raise SystemExit(f"error: {e}") from None
         optimizer.load_state_dict(ckpt["optimizer"])
         state.scaler.load_state_dict(ckpt["scaler"])
         state.iteration = int(ckpt["iteration"])
-        if dist.world_size == 1:  # the saved RNG is rank 0's: exact continuation on one process
-            restore_rng_state(ckpt.get("rng") or {})
-        else:
-            seed_everything(args.seed + state.iteration, dist.rank)
+        restore_rank_rng(ckpt.get("rng"), rank=dist.rank, world_size=dist.world_size, seed=args.seed,
+                         step=state.iteration, logger=logger)
     ddp = model
     if dist.distributed:
         ddp = torch.nn.parallel.DistributedDataParallel(
