@@ -1,4 +1,4 @@
-"""The SoCo pretraining loop: one iteration, one epoch, the resumable sampler, checkpoints.
+"""The SoCo pretraining loop: one iteration, one epoch, checkpoints.
 
 ``train.py`` parses the configuration and wires the parts; this module runs them. Every
 iteration ``t`` (0-based, global over epochs) does, in this order::

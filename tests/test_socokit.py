@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from socokit import checkpoint, config, fileio, images, proposal_store as ps, training
+from socokit import checkpoint, config, fileio, images, proposal_store as ps, resume, training
 from socokit.distributed import shard_from_env
 
 
@@ -184,6 +184,75 @@ def test_checkpoint_current_and_rng_round_trip(tmp_path):
     assert loaded["epoch"] == 2
     checkpoint.restore_rng_state(loaded["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+# ---------------------------------------------------------------- resume policy / precision
+def test_sample_seed_depends_only_on_seed_epoch_index():
+    assert resume.sample_seed(0, 1, 5) == resume.sample_seed(0, 1, 5)
+    seeds = {resume.sample_seed(s, e, i) for s in (0, 1) for e in (0, 1, 2) for i in range(50)}
+    assert len(seeds) == 2 * 3 * 50  # no collisions between neighbouring seeds, epochs, indices
+    assert all(0 <= x < 2**63 for x in seeds)
+    key = resume.SampleKey(7, 3, 2)
+    assert key.seed_value() == resume.sample_seed(3, 2, 7)
+    assert key.rng().integers(0, 2**31, 4).tolist() == key.rng().integers(0, 2**31, 4).tolist()
+
+
+def test_resumable_sampler_keys_start_and_world_size():
+    data = list(range(12))
+    one = resume.ResumableDistributedSampler(data, num_replicas=1, rank=0, seed=5)
+    one.set_epoch(3)
+    order = [k.index for k in one]
+    assert sorted(order) == data and all(k.seed == 5 and k.epoch == 3 for k in one)
+    # Two ranks split the same global order (rank r takes positions r, r + 2, ...): after k
+    # items per rank, together they have seen the first 2k images of the one-process order.
+    ranks = [resume.ResumableDistributedSampler(data, num_replicas=2, rank=r, seed=5) for r in (0, 1)]
+    for s in ranks:
+        s.set_epoch(3)
+    seen = [[k.index for k in s] for s in ranks]
+    assert sorted(seen[0][:2] + seen[1][:2]) == sorted(order[:4])
+    ranks[0].set_start(2)  # a mid-epoch resume skips what this rank already trained on
+    assert [k.index for k in ranks[0]] == seen[0][2:] and len(ranks[0]) == 4
+    ranks[0].set_epoch(4)
+    assert len(ranks[0]) == 6 and [k.index for k in ranks[0]] != seen[0]
+    with pytest.raises(ValueError, match="outside"):
+        ranks[0].set_start(7)
+
+
+def test_check_schedule_names_file_key_and_values():
+    resume.check_schedule({"total_iters": 8, "peak_lr": 0.1 + 0.2, "steps": [3]},
+                          {"total_iters": 8, "peak_lr": 0.3, "steps": (3,)}, "a.pth")  # float / tuple tolerant
+    with pytest.raises(resume.ResumeError, match=r"a\.pth was trained with total_iters=8, this run has total_iters=16"):
+        resume.check_schedule({"total_iters": 8}, {"total_iters": 16}, "a.pth")
+    with pytest.raises(resume.ResumeError, match=r"peak_lr=\(not recorded\)"):
+        resume.check_schedule(None, {"peak_lr": 0.3}, "old.pth")
+
+
+def test_restore_rank_rng_same_and_different_world_size():
+    training.seed_everything(11, rank=1)
+    states = [checkpoint.capture_rng_state(), checkpoint.capture_rng_state()]
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    training.seed_everything(99)
+    assert resume.restore_rank_rng(states, rank=1, world_size=2, seed=0, step=10)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+    # Another world size: the per-rank states cannot be mapped, every rank reseeds with seed + step + rank.
+    assert not resume.restore_rank_rng(states, rank=2, world_size=3, seed=4, step=10)
+    got = torch.rand(3)
+    torch.manual_seed(4 + 10 + 2)
+    assert torch.equal(got, torch.rand(3))
+    assert resume.restore_rank_rng(states[0], rank=0, world_size=1, seed=0, step=0)  # a single dict: one process
+
+
+def test_resolve_amp_one_policy(monkeypatch):
+    assert training.resolve_amp("auto", torch.device("cpu")) == "none"
+    assert training.resolve_amp("bf16", "cpu") == "bf16" and training.resolve_amp("none", "cpu") == "none"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert training.resolve_amp("auto", "cuda") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert training.resolve_amp("auto", "cuda:1") == "fp16" and training.resolve_amp("fp16", "cuda") == "fp16"
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        training.resolve_amp("fp16", "cpu")
+    with pytest.raises(ValueError, match="amp must be one of"):
+        training.resolve_amp("fp32", "cpu")
 
 
 def test_check_finite_raises_with_report():
