@@ -283,3 +283,24 @@ def test_linear_eval_freezes_the_backbone(trained, tmp_path, bn_train):
     assert bool(moved) == bn_train
     assert not any(p.requires_grad for p in probe.parameters())
     assert (tmp_path / "lin" / "current.pth").is_file()
+
+
+def test_linear_eval_resume_is_exact_with_workers(trained, tmp_path):
+    # Epoch 1's checkpoint as the newest save of an interrupted run; resumed with 2 loader workers
+    # it ends with the linear layer of the uninterrupted run without workers, bit for bit.
+    data = _labelled_folder(tmp_path / "folder")
+    common = ["--pretrained", str(trained / "current.pth"), "--data", data, "--epochs", "2",
+              "--warmup-epoch", "1", "--batch-size", "4", "--image-size", "32", "--val-resize", "36",
+              "--device", "cpu", "--print-freq", "1", "--save-freq", "1"]
+    linear_eval.main(common + ["--output-dir", str(tmp_path / "full"), "--num-workers", "0"])
+    (tmp_path / "resumed").mkdir()
+    os.link(tmp_path / "full" / "linear_epoch_0001.pth", tmp_path / "resumed" / "current.pth")
+    linear_eval.main(common + ["--output-dir", str(tmp_path / "resumed"), "--num-workers", "2"])
+    full = load_checkpoint(str(tmp_path / "full" / "current.pth"))
+    resumed = load_checkpoint(str(tmp_path / "resumed" / "current.pth"))
+    assert resumed["epoch"] == full["epoch"] == 2
+    assert all(torch.equal(full["fc"][k], resumed["fc"][k]) for k in full["fc"])
+    assert resumed["history"] == full["history"]
+    with pytest.raises(SystemExit, match="iters_per_epoch=2, this run has iters_per_epoch=4"):
+        linear_eval.main(common + ["--output-dir", str(tmp_path / "resumed"), "--batch-size", "2",
+                                   "--num-workers", "0"])
