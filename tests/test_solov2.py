@@ -214,6 +214,32 @@ def test_losses_hand_computed():
     assert both["loss_ins"].item() == pytest.approx(3 * (1 - 16 / 32.002), rel=1e-5)
 
 
+def test_inference_single_image_hand_computed():
+    """Threshold, stride filter, mask-ness, Matrix NMS, ordering, resize and mask boxes of one image."""
+    cfg = SOLOv2Config(num_grids=(2, 1, 1, 1, 1), num_kernels=1, instance_channels=4, mask_channels=4)
+    model = SOLOv2(_NoBackbone(), num_classes=3, cfg=cfg).eval()
+    feats = -torch.ones((1, 8, 8))
+    feats[0, :4, :4] = 1.0                      # region A: the top-left 4 x 4 of the 1/4-scale map
+    scores = torch.zeros((8, 2))                # cells 0-3: level 0 (stride 8), 4: level 1 (8), 7: level 4 (32)
+    kernels = torch.zeros((8, 1))
+    scores[0, 0], kernels[0] = 0.9, 10.0        # mask A (16 px > 8)
+    scores[1, 0], scores[1, 1], kernels[1] = 0.8, 0.7, 10.0   # mask A again, for both classes
+    scores[2, 0], kernels[2] = 0.05, 10.0       # below score_thresh 0.1
+    scores[4, 0], kernels[4] = 0.6, -10.0       # the complement of A (48 px)
+    scores[7, 0], kernels[7] = 0.9, 10.0        # 16 px <= stride 32: dropped
+    strides = torch.tensor([8.0, 8, 8, 8, 8, 16, 32, 32])
+    out = model._single(scores, kernels, feats, strides, image_hw=(32, 32), original_hw=(64, 64))
+    s = torch.sigmoid(torch.tensor(10.0)).item()    # mask-ness: mean probability inside the mask
+    # class-0 entry of cell 1 has IoU 1 with cell 0 (higher, same class, no compensation):
+    # Gaussian decay exp(-2 * 1^2); the complement has IoU 0 with both; class 1 is not compared
+    assert out["scores"].tolist() == pytest.approx([0.9 * s, 0.7 * s, 0.6 * s, 0.8 * s * math.exp(-2)], rel=1e-5)
+    assert out["labels"].tolist() == [1, 2, 1, 1]
+    assert out["masks"].shape == (4, 1, 64, 64)
+    # A at 1/4 scale covers 0..3; x4 bilinear → > 0.5 up to pixel 15 of 32; x2 → value at pixel 31
+    # 0.75 * 0.625 + 0.25 * 0.375 = 0.5625 (in), at 32: 0.4375 (out) → box [0, 0, 32, 32]
+    assert out["boxes"].tolist() == [[0, 0, 32, 32], [0, 0, 32, 32], [0, 0, 64, 64], [0, 0, 32, 32]]
+
+
 def test_config_options():
     cfg = SOLOv2Config.from_options(["num_grids=4,3,2,2,1", "nms_sigma=1.5", "scale_ranges=1:9,8:20,16:40,32:80,64:999"])
     assert cfg.num_grids == (4, 3, 2, 2, 1) and cfg.nms_sigma == 1.5 and cfg.scale_ranges[1] == (8.0, 20.0)

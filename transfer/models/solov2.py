@@ -322,23 +322,23 @@ class SOLOv2(nn.Module):
         cfg = self.cfg
         cell, cls = (scores > cfg.score_thresh).nonzero(as_tuple=True)
         score = scores[cell, cls]
-        # masks once per distinct cell (a cell may pass the threshold for several classes)
-        uniq, inverse = torch.unique(cell, return_inverse=True)
+        # masks once per distinct cell (a cell may pass the threshold for several classes);
+        # entries (cell, class) index them through ``mask_of``
+        uniq, mask_of = torch.unique(cell, return_inverse=True)
         h, w = feats.shape[-2:]
-        probs = (kernels[uniq] @ feats.flatten(1)).float().sigmoid().view(-1, h, w)[inverse]
+        probs = (kernels[uniq] @ feats.flatten(1)).float().sigmoid().view(-1, h, w)   # [U, h, w]
         binary = probs > cfg.mask_thresh
         area = binary.flatten(1).sum(1).float()
-        keep = area > strides[cell]
-        probs, binary, area, score, cls = probs[keep], binary[keep], area[keep], score[keep], cls[keep]
         maskness = (probs * binary).flatten(1).sum(1) / area.clamp(min=1)
-        score = score * maskness
+        keep = area[mask_of] > strides[cell]           # more pixels than the level's stride
+        score, cls, mask_of = score[keep] * maskness[mask_of[keep]], cls[keep], mask_of[keep]
         order = score.argsort(descending=True)[:cfg.nms_pre]
-        probs, binary, score, cls = probs[order], binary[order], score[order], cls[order]
-        score = matrix_nms(binary, cls, score, cfg.nms_kernel, cfg.nms_sigma)
+        score, cls, mask_of = score[order], cls[order], mask_of[order]
+        score = matrix_nms(binary[mask_of], cls, score, cfg.nms_kernel, cfg.nms_sigma)
         keep = score >= cfg.update_thresh
-        probs, score, cls = probs[keep], score[keep], cls[keep]
+        score, cls, mask_of = score[keep], cls[keep], mask_of[keep]
         order = score.argsort(descending=True)[:self.detections_per_img]
-        probs, score, cls = probs[order], score[order], cls[order]
+        score, cls, probs = score[order], cls[order], probs[mask_of[order]]
         if len(probs) == 0:
             return {"boxes": feats.new_zeros((0, 4), dtype=torch.float32), "scores": score.float(),
                     "labels": cls + 1, "masks": feats.new_zeros((0, 1, *original_hw), dtype=torch.float32)}
