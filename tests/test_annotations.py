@@ -313,3 +313,27 @@ def test_zero_detections_match_cocoeval_of_a_non_matching_detection():
     d["annotations"][3]["area"] = 10000.0
     assert coco_metrics(_api(d), [], "bbox", [1, 2])["APl"] == 0.0
     assert coco_metrics(_api(d), [], "bbox", [1])["APl"] is None  # restricted to image 1
+
+
+def test_lvis_zero_detections_match_lvis_eval_of_a_non_matching_detection():
+    import logging
+
+    from lvis import LVISEval, LVISResults
+
+    from transfer.evaluation import _numpy_float_alias, lvis_metrics
+    d = base()
+    for c, f in zip(d["categories"], "rf"):
+        c["frequency"] = f
+    data, _ = validate(d, kind="lvis")
+    api = A.build_api(data, "lvis")
+    metrics = lvis_metrics(api, [], "bbox", [1, 2])
+    logging.getLogger("lvis").setLevel(logging.ERROR)
+    dets = [{"image_id": 1, "category_id": 3, "bbox": [190.0, 90.0, 5.0, 5.0], "score": 0.1}]
+    ev = LVISEval(api, LVISResults(api, dets), "bbox")
+    ev.params.img_ids = [1, 2]
+    import contextlib
+    import io
+    with _numpy_float_alias(), contextlib.redirect_stdout(io.StringIO()):
+        ev.run()
+    ref = {k: (None if v < 0 else 100 * v) for k, v in ev.get_results().items() if k in metrics}
+    assert metrics == ref and metrics["APc"] is None and metrics["APr"] == 0.0

@@ -144,6 +144,10 @@ def test_evaluation_error_keeps_the_finished_run(demo, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"evaluation at iteration 2 failed .*KeyError.*segmentation.*--eval-only"):
         main(_demo_argv(demo, out, "--max-iter", "2"))
     assert torch.load(out / "model_final.pth", weights_only=True)["iteration"] == 2
+    # a periodic evaluation that fails: the weights it scored were saved before it started
+    with pytest.raises(SystemExit, match=r"iteration 1 failed .* --eval-only --weights .*current.pth"):
+        main(_demo_argv(demo, tmp_path / "period", "--max-iter", "3", "--eval-period", "1"))
+    assert torch.load(tmp_path / "period" / "current.pth", weights_only=True)["iteration"] == 1
     monkeypatch.undo()
     m = main(_demo_argv(demo, tmp_path / "again", "--eval-only", "--weights", str(out / "model_final.pth")))
     assert isinstance(m["bbox"]["AP"], float)

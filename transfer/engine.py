@@ -127,17 +127,22 @@ def evaluate(model_without_ddp, loader, evaluator, device, amp: str, output_dir:
 
 def _after_step(model, model_without_ddp, state: TrainState, device, output_dir, eval_fn,
                 eval_period, checkpoint_period, tb, precise_bn_batches):
-    """Precise BN → checkpoint → evaluation, at their periods and at the end."""
+    """Precise BN → checkpoint → evaluation, at their periods and at the end.
+
+    Every evaluation comes after a save of the weights it scores (at least ``current.pth``), so
+    an evaluation that fails never costs the training before it.
+    """
     done = state.iteration == state.max_iter
     eval_now = eval_fn is not None and ((eval_period and state.iteration % eval_period == 0) or done)
     if eval_now and precise_bn_batches is not None:
         used = precise_bn(model, precise_bn_batches(state.iteration),
                           lambda b: model(*to_device(*b, device)))
         logger.info("precise BN: statistics recomputed over %d batches", used)
-    if (checkpoint_period and state.iteration % checkpoint_period == 0) or done:
+    periodic = bool(checkpoint_period and state.iteration % checkpoint_period == 0)
+    if periodic or done or eval_now:
         rng = gather_rng_states()  # every rank takes part
         if sdist.is_main_process():
-            name = "model_final.pth" if done else f"model_{state.iteration:07d}.pth"
+            name = "model_final.pth" if done else (f"model_{state.iteration:07d}.pth" if periodic else None)
             save_checkpoint(checkpoint_state(model_without_ddp, state, rng), output_dir, name)
         sdist.barrier()
     if not eval_now:

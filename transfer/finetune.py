@@ -341,12 +341,11 @@ def run(args, dist, logger) -> dict | None:
         try:
             return evaluate(model, test_loader, evaluator, device, amp, args.output_dir, iteration)
         except Exception as e:  # noqa: BLE001 - any evaluator failure is reported with its cause
-            saved = args.weights if args.eval_only else os.path.join(args.output_dir, "model_final.pth")
+            saved = args.weights if args.eval_only else os.path.join(args.output_dir, "current.pth")
             logger.exception("evaluation at iteration %d failed", iteration)
             raise EvaluationError(
-                f"evaluation at iteration {iteration} failed ({type(e).__name__}: {e}); the weights are "
-                f"saved ({saved} once training has finished, else {args.output_dir}/current.pth); rerun "
-                f"only the evaluation with --eval-only --weights <that file>") from e
+                f"evaluation at iteration {iteration} failed ({type(e).__name__}: {e}); the weights it "
+                f"scored are saved in {saved}: rerun only the evaluation with --eval-only --weights {saved}") from e
 
     if args.eval_only:
         return eval_fn(int(ckpt.get("iteration", 0)))
