@@ -341,7 +341,7 @@ def run(args, dist, logger) -> dict | None:
         try:
             return evaluate(model, test_loader, evaluator, device, amp, args.output_dir, iteration)
         except Exception as e:  # noqa: BLE001 - any evaluator failure is reported with its cause
-            saved = args.weights if args.eval_only else os.path.join(args.output_dir, "current.pth")
+            saved = source if args.eval_only else os.path.join(args.output_dir, "current.pth")
             logger.exception("evaluation at iteration %d failed", iteration)
             raise EvaluationError(
                 f"evaluation at iteration {iteration} failed ({type(e).__name__}: {e}); the weights it "
