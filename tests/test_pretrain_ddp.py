@@ -162,6 +162,32 @@ def test_nan_on_one_rank_stops_every_rank_and_keeps_the_last_checkpoint(two_proc
     assert sorted(p.name for p in out.glob("ckpt_*.pth")) == ["ckpt_epoch_0001.pth"]
 
 
+def test_resume_with_another_world_size_and_the_same_total_batch(two_process_run, tiny_data, tmp_path):
+    """The documented rule (docs/resume.md): 2 processes x 2 images continue as 1 process x 4.
+
+    The schedule is the same, so the checkpoint is accepted; the two per-rank RNG states cannot
+    be mapped onto one rank, so the run reseeds and says so; it then trains to the end.
+    """
+    from pretrain import train as pretrain_train
+    from socokit.checkpoint import load_checkpoint
+
+    out, _ = two_process_run
+    images, store = tiny_data
+    os.link(out / "nan_run" / "current.pth", tmp_path / "current.pth")  # step 2 of 6, 2 ranks
+    pretrain_train.main(["--data", images, "--proposals", store, "--output-dir", str(tmp_path),
+                         "--batch-size", "4", "--epochs", "3", "--warmup-epoch", "1", *TINY])
+    log = (tmp_path / "log.txt").read_text()
+    assert "resumed from" in log and "at step 2" in log
+    assert "RNG states of 2 process(es), this run has 1" in log
+    ckpt = load_checkpoint(str(tmp_path / "current.pth"))
+    assert (ckpt["step"], ckpt["epoch"], len(ckpt["rng"])) == (6, 3, 1)
+    assert ckpt["schedule"]["world_size"] == 1 and ckpt["schedule"]["total_batch"] == 4
+    with pytest.raises(SystemExit, match="peak_lr"):  # another learning rate is refused
+        pretrain_train.main(["--data", images, "--proposals", store, "--output-dir", str(tmp_path),
+                             "--batch-size", "4", "--epochs", "3", "--warmup-epoch", "1", "--base-lr", "2.0",
+                             *TINY])
+
+
 if __name__ == "__main__":  # one torchrun launch serves both tests (start-up is the cost)
     grad_worker(*sys.argv[1:4])
     nan_worker(str(Path(sys.argv[1]) / "nan_run"), *sys.argv[2:4])
