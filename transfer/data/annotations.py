@@ -118,6 +118,14 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+_NUMBER_TYPES = (int, float)
+
+
+def _all_numbers(values: list) -> bool:
+    """Every value an int or float and all finite (one pass: a sum with inf/nan is not finite)."""
+    return all(type(v) in _NUMBER_TYPES for v in values) and math.isfinite(sum(values))
+
+
 def _check_list(data: dict, key: str, path: str) -> list:
     value = data.get(key)
     if not isinstance(value, list):
@@ -202,12 +210,12 @@ def _validate_size(img: dict, where: str, name: str, image_root: str | None, rep
 
 # --------------------------------------------------------------------------- segmentation
 def _validate_polygons(segm: list, where: str, ann_id, report) -> list:
-    if segm and all(_is_number(v) for v in segm):  # a flat [x0, y0, x1, y1, ...]
+    if segm and _all_numbers(segm):  # a flat [x0, y0, x1, y1, ...]
         segm = [segm]
         report.add(POLY_WRAPPED, ann_id)
     kept = []
     for j, poly in enumerate(segm):
-        if not isinstance(poly, list) or not all(_is_number(v) for v in poly):
+        if not isinstance(poly, list) or not _all_numbers(poly):
             raise AnnotationError(f"{where}: field 'segmentation'[{j}] must be a list of finite "
                                   f"numbers (a polygon x0, y0, x1, y1, ...)")
         if len(poly) % 2:
@@ -216,7 +224,7 @@ def _validate_polygons(segm: list, where: str, ann_id, report) -> list:
         if len(poly) < 6:
             report.add(POLY_REMOVED, ann_id)
             continue
-        kept.append([float(v) for v in poly])
+        kept.append(poly)
     return kept
 
 
@@ -263,7 +271,7 @@ def _validate_bbox(ann: dict, where: str, segm, hw, report) -> list | None:
             raise AnnotationError(f"{where}: field 'bbox' missing and no segmentation to derive it from")
         bbox = [float(v) for v in mask_utils.toBbox(_to_rle(segm, hw))]
         report.add(BBOX_DERIVED, ann_id)
-    if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+    if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and _all_numbers(bbox)):
         raise AnnotationError(f"{where}: field 'bbox' must be 4 finite numbers [x, y, w, h], got {bbox!r}")
     x, y, w, h = (float(v) for v in bbox)
     if not (w > 0 and h > 0):
