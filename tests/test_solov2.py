@@ -281,6 +281,15 @@ def test_forward_backward_and_inference():
     assert losses["loss_ins"].item() == 0.0
     sum(losses.values()).backward()
     assert all(p.grad is not None for p in model.parameters())
+    # an image whose only instance (0.5 x 0.5 px) is below every scale range: background only
+    tiny = {"boxes": torch.tensor([[5.0, 5.0, 5.5, 5.5]]), "labels": torch.tensor([2]),
+            "masks": torch.zeros((1, 96, 128), dtype=torch.uint8)}
+    tiny["masks"][0, 5, 5] = 1
+    model.zero_grad()
+    losses = model(images[:1], [tiny])
+    assert losses["loss_ins"].item() == 0.0 and torch.isfinite(losses["loss_cate"])
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in model.parameters())
     model.eval()
     with torch.no_grad():
         out = model(images)
