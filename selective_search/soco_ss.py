@@ -31,10 +31,10 @@ import functools
 import heapq
 from dataclasses import dataclass
 
+import numba
 import numpy as np
-from skimage.segmentation import felzenszwalb
-from skimage.util import img_as_float
 
+from selective_search.felzenszwalb import felzenszwalb
 from selective_search.ss_texture import lbp_rgb
 
 COLOUR_BINS = 25
@@ -92,56 +92,72 @@ def segment(image: np.ndarray, scale: float = 300, sigma: float = 0.9,
             min_size: int = 100) -> np.ndarray:
     """Felzenszwalb over-segmentation as the original calls it.
 
+    Uses the compiled :func:`selective_search.felzenszwalb.felzenszwalb`, whose labels equal
+    ``skimage.segmentation.felzenszwalb``'s (tested label for label).
+
     Args:
         image (ndarray[H, W, 3] uint8): RGB image.
 
     Returns:
         ndarray[H, W] int64: labels.
     """
-    return felzenszwalb(img_as_float(image), scale=scale, sigma=sigma, min_size=min_size)
+    return felzenszwalb(image, scale=scale, sigma=sigma, min_size=min_size)
+
+
+@numba.njit(cache=True, nogil=True)
+def _region_counts(image, labels, lbp, v_column, t_column, num_labels):
+    """One raster pass: first/last raster index, x range, size and histogram counts per label.
+
+    ``v_column[v]`` is the colour-row column of brightness v, ``t_column[c, code]`` the
+    texture-row column of LBP ``code`` in channel c (0 collects values numpy would drop).
+    """
+    height, width = labels.shape
+    first = np.full(num_labels, height * width, dtype=np.int64)
+    last = np.full(num_labels, -1, dtype=np.int64)
+    min_x = np.full(num_labels, width, dtype=np.int64)
+    max_x = np.full(num_labels, -1, dtype=np.int64)
+    size = np.zeros(num_labels, dtype=np.int64)
+    counts = np.zeros((num_labels, 2, HIST_COLS), dtype=np.float64)
+    for y in range(height):
+        for x in range(width):
+            label = labels[y, x]
+            p = y * width + x
+            if first[label] > p:
+                first[label] = p
+            last[label] = p
+            if min_x[label] > x:
+                min_x[label] = x
+            if max_x[label] < x:
+                max_x[label] = x
+            size[label] += 1
+            value = max(image[y, x, 0], image[y, x, 1], image[y, x, 2])
+            counts[label, 0, v_column[value]] += 1.0
+            for c in range(3):
+                counts[label, 1, t_column[c, lbp[c, y, x]]] += 1.0
+    return first, last, min_x, max_x, size, counts
 
 
 def region_table(image: np.ndarray, labels: np.ndarray,
                  texture_hist_max: float = SOCO_TEXTURE_HIST_MAX) -> RegionTable:
     """Per-region bbox, size and histograms, ordered by first raster appearance.
 
-    Everything is computed with ``bincount`` / ``ufunc.at`` over the label map;
-    no per-region masks.
+    One compiled pass over the pixels (no per-region masks, no per-pixel index arrays).
 
     Args:
         image (ndarray[H, W, 3] uint8): RGB image.
         labels (ndarray[H, W] int): non-negative region labels.
         texture_hist_max: upper end of the texture histogram range.
     """
-    height, width = labels.shape
-    flat = labels.ravel().astype(np.int64)
-    n = int(flat.max()) + 1
-    raster = np.arange(flat.size, dtype=np.int64)
-    first = np.full(n, flat.size, dtype=np.int64)
-    np.minimum.at(first, flat, raster)
-    last = np.full(n, -1, dtype=np.int64)
-    np.maximum.at(last, flat, raster)
-    xs = np.broadcast_to(np.arange(width, dtype=np.int64), (height, width)).ravel()
-    min_x = np.full(n, width, dtype=np.int64)
-    np.minimum.at(min_x, flat, xs)
-    max_x = np.full(n, -1, dtype=np.int64)
-    np.maximum.at(max_x, flat, xs)
-    size = np.bincount(flat, minlength=n)
-
-    counts = np.zeros((n, 2, HIST_COLS), dtype=np.float64)
-    value = np.maximum(np.maximum(image[:, :, 0], image[:, :, 1]), image[:, :, 2]).ravel()
-    v_lut = 1 + histogram_bin_lut(COLOUR_BINS, 255.0)  # V of 0..255 never leaves the range
-    counts[:, 0, :1 + COLOUR_BINS] = np.bincount(
-        flat * (1 + COLOUR_BINS) + v_lut[value], minlength=n * (1 + COLOUR_BINS)
-    ).reshape(n, 1 + COLOUR_BINS)
-    # Texture keys: region * 31 + column; column 0 collects values numpy would drop.
+    width = labels.shape[1]
+    labels = np.ascontiguousarray(labels)
+    num_labels = int(labels.max()) + 1
+    v_column = 1 + histogram_bin_lut(COLOUR_BINS, 255.0)  # V of 0..255 never leaves the range
     t_lut = histogram_bin_lut(TEXTURE_BINS, float(texture_hist_max))
+    t_column = np.stack([np.where(t_lut >= 0, 1 + c * TEXTURE_BINS + t_lut, 0) for c in range(3)])
     lbp = lbp_rgb(image, channels_first=True)  # [3, H, W] uint8
-    region_key = flat * HIST_COLS
-    for c in range(3):
-        column = np.where(t_lut >= 0, 1 + c * TEXTURE_BINS + t_lut, 0)
-        counts[:, 1] += np.bincount(region_key + column[lbp[c].ravel()],
-                                    minlength=n * HIST_COLS).reshape(n, HIST_COLS)
+    first, last, min_x, max_x, size, counts = _region_counts(
+        image, labels, lbp, v_column, t_column, num_labels)
+    del lbp
 
     present = np.flatnonzero(size > 0)
     order = present[np.argsort(first[present], kind="stable")]

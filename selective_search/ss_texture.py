@@ -4,12 +4,12 @@ The selective search of SoCo computes ``skimage.feature.local_binary_pattern(
 channel, 8, 1.0)`` on each of R, G, B. scikit-image evaluates the 8 circle
 points by bilinear interpolation (constant 0 outside the image) one pixel at a
 time. :func:`lbp_rgb` performs the same double-precision operations in the
-same order on whole arrays, so its codes are identical (``tests`` check this
-against scikit-image), about 2-4x faster, and without scikit-image's warning
-about float input.
+same order, compiled with numba, so its codes are identical (``tests`` check this
+against scikit-image), faster, and without scikit-image's warning about float input.
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 from skimage.feature import local_binary_pattern
 
@@ -41,15 +41,45 @@ def _axis_weights(length: int, offset: float) -> tuple[int, int, np.ndarray]:
     return lo, hi, d
 
 
+@numba.njit(cache=True, nogil=True)
+def _lbp_codes(image, r_lo, r_hi, dr, c_lo, c_hi, dc):
+    """uint8 [C, H, W] codes; per point i: integer shifts and fractional weights per index."""
+    height, width, channels = image.shape
+    codes = np.zeros((channels, height, width), dtype=np.uint8)
+    padded = np.zeros((height + 2, width + 2), dtype=np.float64)  # constant 0 border
+    for channel in range(channels):
+        for y in range(height):
+            for x in range(width):
+                padded[y + 1, x + 1] = image[y, x, channel]
+        for y in range(height):
+            for x in range(width):
+                center = padded[y + 1, x + 1]
+                code = 0
+                for i in range(8):
+                    top = padded[1 + y + r_lo[i], 1 + x + c_lo[i]]
+                    bottom = padded[1 + y + r_hi[i], 1 + x + c_lo[i]]
+                    if c_lo[i] != c_hi[i]:
+                        # skimage: (1 - dc) * P[row, minc] + dc * P[row, maxc]
+                        w = dc[i, x]
+                        top = (1 - w) * top + w * padded[1 + y + r_lo[i], 1 + x + c_hi[i]]
+                        bottom = (1 - w) * bottom + w * padded[1 + y + r_hi[i], 1 + x + c_hi[i]]
+                    value = top
+                    if r_lo[i] != r_hi[i]:
+                        value = (1 - dr[i, y]) * top + dr[i, y] * bottom
+                    # skimage tests value - center >= 0, for finite doubles value >= center
+                    if value >= center:
+                        code |= 1 << i
+                codes[channel, y, x] = code
+    return codes
+
+
 def lbp_rgb(image: np.ndarray, channels_first: bool = False) -> np.ndarray:
     """LBP codes of each channel, identical to scikit-image's.
 
-    The two diagonal points on the right (offsets -0.70711 and +0.70711 rows,
-    +0.70711 columns) use the same horizontal interpolation between columns c
-    and c + 1 (skimage's ``top``/``bottom``), only on different rows; likewise
-    the two on the left. Each horizontal interpolation is therefore computed
-    once for all rows and reused, with the exact operations skimage performs.
-    Channels are processed one at a time to bound memory on large images.
+    Each of the 8 circle points is interpolated bilinearly from its four grid neighbours
+    with scikit-image's weights and operation order (horizontal first, then vertical; on a
+    grid row or column the weights are exactly 1 and 0 and the step is skipped), compiled,
+    one pixel at a time, without temporary images.
 
     Args:
         image (ndarray[H, W, C] uint8): image (C = 3 for RGB).
@@ -58,36 +88,16 @@ def lbp_rgb(image: np.ndarray, channels_first: bool = False) -> np.ndarray:
     Returns:
         ndarray[H, W, C] (or [C, H, W]) uint8: codes 0..255.
     """
-    height, width, channels = image.shape
+    height, width, _ = image.shape
     rows_off, cols_off = _circle_offsets()
-    plan = [(_axis_weights(height, rows_off[i]), _axis_weights(width, cols_off[i]), cols_off[i])
-            for i in range(_P)]
-    codes = np.zeros((channels, height, width), dtype=np.uint8)
-    padded = np.zeros((height + 2, width + 2), dtype=np.float64)
-    bits = np.empty((height, width), dtype=bool)
-    for channel in range(channels):
-        padded[1:-1, 1:-1] = image[:, :, channel]
-        center = padded[1:-1, 1:-1]
-        horizontal = {}  # column offset -> interpolated padded rows [H + 2, W]
-        for i, ((r_lo, r_hi, dr), (c_lo, c_hi, dc), key) in enumerate(plan):
-            if c_lo == c_hi:
-                rows_at = padded[:, 1 + c_lo:1 + c_lo + width]
-            else:
-                if key not in horizontal:
-                    # skimage: (1 - dc) * P[row, minc] + dc * P[row, maxc]
-                    horizontal[key] = ((1 - dc) * padded[:, 1 + c_lo:1 + c_lo + width]
-                                       + dc * padded[:, 1 + c_hi:1 + c_hi + width])
-                rows_at = horizontal[key]
-            if r_lo == r_hi:
-                # on a grid row the vertical weights are exactly 1 and 0
-                value = rows_at[1 + r_lo:1 + r_lo + height]
-            else:
-                dr_ = dr[:, None]
-                value = ((1 - dr_) * rows_at[1 + r_lo:1 + r_lo + height]
-                         + dr_ * rows_at[1 + r_hi:1 + r_hi + height])
-            # skimage tests value - center >= 0, which for finite doubles is value >= center.
-            np.greater_equal(value, center, out=bits)
-            codes[channel] |= bits.view(np.uint8) << np.uint8(i)
+    rows = [_axis_weights(height, rows_off[i]) for i in range(_P)]
+    cols = [_axis_weights(width, cols_off[i]) for i in range(_P)]
+    codes = _lbp_codes(
+        np.ascontiguousarray(image),
+        np.array([r[0] for r in rows], dtype=np.int64), np.array([r[1] for r in rows], dtype=np.int64),
+        np.stack([r[2] for r in rows]) if height else np.zeros((_P, 0)),
+        np.array([c[0] for c in cols], dtype=np.int64), np.array([c[1] for c in cols], dtype=np.int64),
+        np.stack([c[2] for c in cols]) if width else np.zeros((_P, 0)))
     return codes if channels_first else codes.transpose(1, 2, 0)
 
 
