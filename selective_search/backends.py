@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import warnings
 
 import numpy as np
 
@@ -42,6 +43,48 @@ _CONTRIB_HINT = (
     "cv2.ximgproc is missing: the plain opencv-python wheel is shadowing opencv-contrib. Run "
     "`pip uninstall -y opencv-python opencv-python-headless opencv-contrib-python-headless` "
     "and then `pip install opencv-contrib-python-headless`.")
+
+
+PIXEL_BUDGET = 4_000_000
+"""Pixels above which the ``soco`` backend warns (a 2000x2000 image; ImageNet's are ~0.2 MP)."""
+SOCO_BYTES_PER_PIXEL = 112
+"""Peak memory of the ``soco`` backend per pixel above a worker's baseline, measured with
+``benchmarks/bench_selective_search.py --memory-sizes`` (368 before the compiled Felzenszwalb)."""
+SOCO_SECONDS_PER_MEGAPIXEL = 4.0
+"""Rough CPU seconds of the ``soco`` backend per megapixel at 12 MP (46 s measured on a loaded
+machine; the grouping grows faster than linearly with the number of segments)."""
+
+
+class LargeImageWarning(UserWarning):
+    """An image above :data:`PIXEL_BUDGET` goes through full-resolution selective search."""
+
+
+def pixel_budget_advice(height: int, width: int, max_side: int | None = None,
+                        workers: int = 1, budget: int | None = None) -> str | None:
+    """The warning text for a ``soco`` search of an ``height`` x ``width`` image, or None.
+
+    Args:
+        height, width: the image size in pixels (before ``max_side``).
+        max_side: the downscaling that will be applied (None: full resolution).
+        workers: processes running searches at once (multiplies the memory).
+        budget: pixels allowed without a warning (default :data:`PIXEL_BUDGET`).
+    """
+    if max_side is not None and max(height, width) > max_side:
+        factor = max_side / max(height, width)
+        height, width = max(1, round(height * factor)), max(1, round(width * factor))
+    budget = PIXEL_BUDGET if budget is None else budget
+    pixels = height * width
+    if pixels <= budget:
+        return None
+    gib = pixels * SOCO_BYTES_PER_PIXEL / 2**30
+    per_workers = f", about {gib * workers:.1f} GiB for {workers} workers" if workers > 1 else ""
+    suggestion = 1000 if max_side is None or max_side > 1000 else max(1, max_side // 2)
+    return (f"image {width}x{height} ({pixels / 1e6:.1f} MP) is above the selective-search "
+            f"pixel budget of {budget / 1e6:.0f} MP: expect about {gib:.1f} GiB of memory per "
+            f"worker{per_workers} and ~{pixels / 1e6 * SOCO_SECONDS_PER_MEGAPIXEL:.0f} s per "
+            f"image. Pass --max-side {suggestion} to search a downscaled copy (boxes are mapped "
+            f"back to full resolution; SoCo's ImageNet images are ~500x375), or use fewer "
+            f"--workers.")
 
 
 def default_params(backend: str) -> dict:
@@ -174,6 +217,10 @@ def run_backend(image: np.ndarray, backend: str = "soco", max_side: int | None =
         ndarray[N, 4] int32: ``boxes_xyxy`` with inclusive corners in the
         original frame. For ``soco``: every region in the original's order,
         duplicates kept.
+
+    Warns:
+        LargeImageWarning: ``soco`` on more than :data:`PIXEL_BUDGET` pixels (after
+        ``max_side``): memory and time grow with the pixels, see :func:`pixel_budget_advice`.
     """
     _check_backend(backend)
     image = np.asarray(image)
@@ -187,6 +234,9 @@ def run_backend(image: np.ndarray, backend: str = "soco", max_side: int | None =
         work = _downscale(image, max_side)
     if backend == "soco":
         params = _check_params(backend, params)
+        advice = pixel_budget_advice(*work.shape[:2])
+        if advice is not None:
+            warnings.warn(advice, LargeImageWarning, stacklevel=2)
         rects = soco_regions(work, scale=float(params["scale"]), sigma=float(params["sigma"]),
                              min_size=int(params["min_size"]),
                              texture_hist_max=SOCO_TEXTURE_HIST_MAX)

@@ -26,6 +26,7 @@ import multiprocessing
 import os
 import shutil
 import time
+import warnings
 
 import numpy as np
 from tqdm import tqdm
@@ -111,6 +112,8 @@ def _init_worker(cfg: dict) -> None:
     import cv2
 
     cv2.setNumThreads(1)
+    # the main process reports large images once, with the path (run_shard)
+    warnings.simplefilter("ignore", backends.LargeImageWarning)
     _WORKER_CFG.clear()
     _WORKER_CFG.update(cfg)
 
@@ -253,6 +256,7 @@ def run_shard(relpaths: list[str], cfg: dict, chunk_size: int, work_dir: str, sh
              f"done, {len(todo_paths)} images to process with {workers} worker(s)")
     stats = {"images": 0, "boxes": 0, "without_boxes": 0, "unreadable": []}
     results_iter = ordered_results(todo_paths, cfg, workers)
+    warned_large = cfg["backend"] != "soco"
     with tqdm(total=len(todo_paths), unit="img", desc=f"shard {shard_id}", smoothing=0.05,
               dynamic_ncols=True) as bar:
         for k, s in zip(todo, slices):
@@ -266,6 +270,11 @@ def run_shard(relpaths: list[str], cfg: dict, chunk_size: int, work_dir: str, sh
                 else:
                     stats["boxes"] += len(res[1])
                     stats["without_boxes"] += len(res[1]) == 0
+                    if not warned_large:
+                        advice = backends.pixel_budget_advice(*res[0], cfg["max_side"], workers)
+                        if advice is not None:
+                            log.warning(f"{relpath}: {advice} (reported once per run)")
+                            warned_large = True
                 bar.update(1)
             sharding.write_chunk(sharding.chunk_path(work_dir, k), chunk_paths, results)
             bar.set_postfix(boxes=stats["boxes"], unreadable=len(stats["unreadable"]))

@@ -149,7 +149,9 @@ def region_table(image: np.ndarray, labels: np.ndarray,
         texture_hist_max: upper end of the texture histogram range.
     """
     width = labels.shape[1]
-    labels = np.ascontiguousarray(labels)
+    # compiled code is specialised per array layout: one contiguous, writable kind only
+    image = np.require(image, np.uint8, ['C', 'W'])
+    labels = np.require(labels, np.int64, ['C', 'W'])
     num_labels = int(labels.max()) + 1
     v_column = 1 + histogram_bin_lut(COLOUR_BINS, 255.0)  # V of 0..255 never leaves the range
     t_lut = histogram_bin_lut(TEXTURE_BINS, float(texture_hist_max))
@@ -333,4 +335,4 @@ def _check_image(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected a uint8 RGB image [H, W, 3], got {image.dtype} {image.shape}")
-    return np.ascontiguousarray(image)
+    return np.require(image, requirements=['C', 'W'])  # see region_table

@@ -93,7 +93,7 @@ def lbp_rgb(image: np.ndarray, channels_first: bool = False) -> np.ndarray:
     rows = [_axis_weights(height, rows_off[i]) for i in range(_P)]
     cols = [_axis_weights(width, cols_off[i]) for i in range(_P)]
     codes = _lbp_codes(
-        np.ascontiguousarray(image),
+        np.require(image, np.uint8, ['C', 'W']),  # one compiled specialisation
         np.array([r[0] for r in rows], dtype=np.int64), np.array([r[1] for r in rows], dtype=np.int64),
         np.stack([r[2] for r in rows]) if height else np.zeros((_P, 0)),
         np.array([c[0] for c in cols], dtype=np.int64), np.array([c[1] for c in cols], dtype=np.int64),
