@@ -238,8 +238,11 @@ def test_lvis_fields():
     d = base()
     for c, f in zip(d["categories"], "rf"):
         c["frequency"] = f
+    for a in d["annotations"]:
+        del a["iscrowd"]  # not an LVIS field: set to 0, not reported as a repair
     data, report = validate(copy.deepcopy(d), kind="lvis")
     assert data["images"][0]["neg_category_ids"] == [] and report.counts[A.LVIS_DEFAULTED] == 4
+    assert all(a["iscrowd"] == 0 for a in data["annotations"]) and A.CROWD_DEFAULTED not in report.counts
     del d["categories"][0]["frequency"]
     with pytest.raises(AnnotationError, match="category id 3: LVIS field 'frequency'"):
         validate(d, kind="lvis")

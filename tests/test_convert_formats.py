@@ -199,6 +199,21 @@ def test_files_on_disk_load_safely(nets, tmp_path):
         load_checkpoint_file(str(tmp_path / "bad.safetensors"))
 
 
+def test_fine_tuned_detector_keeps_its_pixel_convention(nets):
+    """A fine-tuning checkpoint read back as a source: backbone exported, its BGR / stride record kept."""
+    model = _pre(nets["online"], BODY) | {"rpn.head.conv.0.0.weight": torch.zeros(4, 4, 3, 3),
+                                          "roi_heads.box_predictor.cls_score.weight": torch.zeros(3, 8)}
+    obj = {"format": "soco-finetune", "version": 1, "model": model, "optimizer": OPTIMIZER, "scaler": {},
+           "iteration": 10, "rng": {"torch": torch.zeros(4, dtype=torch.uint8)}, "config": {"lr": 0.02},
+           "categories": [{"id": 1, "name": "a"}], "detector": "fasterrcnn_fpn", "backbone": "resnet18",
+           "pixel": {"channels": "BGR", "range": 255.0, "mean": [103.53, 116.28, 123.675], "std": [1.0, 1.0, 1.0]},
+           "stride_in_1x1": False}
+    conv = convert(obj)
+    assert conv.meta["source"] == "detinit" and conv.meta["pixel"]["channels"] == "BGR"
+    assert conv.meta["arch"] == "resnet18" and not conv.meta.get("stride_in_1x1")
+    assert all(torch.equal(conv.state_dict[BODY + k], v) for k, v in nets["online"].items())
+
+
 # --------------------------------------------------------------------------- Caffe2 MSRA
 def _blob_name(tv: str) -> str:
     """torchvision → Caffe2 blob name, written out by hand from the Detectron naming."""

@@ -201,6 +201,8 @@ def reverse_layout(source: str, obj: dict, target: bool) -> L.Layout:
     if target:
         raise ValueError(f"--target-network: a {source} file holds a single network")
     meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+    if obj.get("format") == "soco-finetune":  # a fine-tuned detector: its own top-level record
+        meta = {"pixel": obj.get("pixel"), "arch": obj.get("backbone"), "stride_in_1x1": obj.get("stride_in_1x1")}
     soco_meta = obj.get("soco_meta") if isinstance(obj.get("soco_meta"), dict) else meta
     pixel = dict(soco_meta.get("pixel") or PIXEL_CONVENTION)
     notes = [] if soco_meta.get("pixel") else [

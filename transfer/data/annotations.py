@@ -287,14 +287,15 @@ def _validate_bbox(ann: dict, where: str, segm, hw, report) -> list | None:
     return [x1, y1, x2 - x1, y2 - y1]
 
 
-def _validate_annotation(ann, where: str, img: dict, report) -> bool:
+def _validate_annotation(ann, where: str, img: dict, report, kind: str = "coco") -> bool:
     """Normalise ``ann`` in place; False when it is dropped."""
     hw = (img["height"], img["width"])
     ann_id = ann["id"]
     crowd = ann.get("iscrowd")
     if crowd is None:
         ann["iscrowd"] = 0
-        report.add(CROWD_DEFAULTED, ann_id)
+        if kind != "lvis":  # LVIS has no crowd regions and no such field: nothing was repaired
+            report.add(CROWD_DEFAULTED, ann_id)
     elif isinstance(crowd, (bool, int, float)) and crowd in (0, 1):
         ann["iscrowd"] = int(crowd)
     else:
@@ -328,7 +329,7 @@ def _validate_annotation(ann, where: str, img: dict, report) -> bool:
     return True
 
 
-def _validate_annotations(data: dict, path: str, images: dict, cats: dict, report) -> list:
+def _validate_annotations(data: dict, path: str, images: dict, cats: dict, report, kind: str) -> list:
     anns = _check_list(data, "annotations", path)
     seen: set = set()
     pending = []  # annotations whose id must be (re)assigned after all valid ids are known
@@ -361,7 +362,7 @@ def _validate_annotations(data: dict, path: str, images: dict, cats: dict, repor
         if ann["category_id"] not in cats:
             report.add(DROP_CATEGORY, ann["id"])
             continue
-        if _validate_annotation(ann, where, images[ann["image_id"]], report):
+        if _validate_annotation(ann, where, images[ann["image_id"]], report, kind):
             kept.append(ann)
     return kept
 
@@ -387,7 +388,7 @@ def validate_dataset(data, path: str, kind: str = "coco", image_root: str | None
     report = AnnotationReport(path)
     cats = _validate_categories(data, path, kind)
     images = _validate_images(data, path, kind, image_root, report)
-    data["annotations"] = _validate_annotations(data, path, images, cats, report)
+    data["annotations"] = _validate_annotations(data, path, images, cats, report, kind)
     report.num_images, report.num_annotations = len(images), len(data["annotations"])
     report.num_categories = len(cats)
     return data, report
