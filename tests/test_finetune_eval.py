@@ -161,8 +161,13 @@ def test_samplers_stream_is_world_size_independent():
     shards = [InferenceSampler(10, r, 3).indices for r in range(3)]
     assert list(itertools.chain(*shards)) == list(range(10))
     rf = InfiniteSampler(4, seed=0, rep_factors=torch.tensor([1.0, 1.0, 3.0, 1.5], dtype=torch.float64))
-    first = [i for i, _ in itertools.islice(iter(rf), 6)]
-    assert first.count(2) == 3
+    first = list(itertools.islice(iter(rf), 6))
+    assert [i for i, _ in first].count(2) == 3
+    assert len({seed for i, seed in first if i == 2}) == 3  # a repeated image is augmented anew
+    # Run seeds give unrelated augmentation streams: no stream is a shifted copy of another's
+    # (a linear seed * 7919 + position rule made seed 1 replay seed 0 from position 7919 on).
+    seeds = [{s for _, s in itertools.islice(iter(InfiniteSampler(7, seed=k)), 8100)} for k in (0, 1)]
+    assert len(seeds[0]) == 8100 and not seeds[0] & seeds[1]
 
 
 def test_dataset_handles_unreadable_and_empty_images(demo, tmp_path):

@@ -1,7 +1,10 @@
 """Samplers for iteration-based training and sharded inference.
 
 Training draws from one endless global stream of ``(index, aug_seed)`` pairs built from
-seeded per-epoch permutations (optionally with LVIS repeat factors). Rank ``r`` of ``W`` takes
+seeded per-epoch permutations (optionally with LVIS repeat factors). The augmentation seed is
+``socokit.resume.sample_seed(seed, epoch, position in the epoch)``: a hash, so different run
+seeds give unrelated streams, and an image repeated within an epoch (repeat factors) gets a
+different augmentation each time. Rank ``r`` of ``W`` takes
 stream positions ``r, r + W, r + 2W, ...``. With ``b`` images per rank per step, global
 step ``i`` therefore consumes positions ``[i*b*W, (i+1)*b*W)`` whatever ``W`` is, and the
 augmentation seed belongs to the stream position: 2 ranks x 1 image see exactly the samples of
@@ -14,6 +17,8 @@ from collections import defaultdict
 
 import torch
 from torch.utils.data import Sampler
+
+from socokit.resume import sample_seed
 
 
 def repeat_factors(records: list, repeat_thresh: float) -> torch.Tensor:
@@ -77,7 +82,7 @@ class InfiniteSampler(Sampler):
                 epoch += 1
                 perm = self._epoch(epoch)
             idx = int(perm[pos - offset])
-            yield idx, (self.seed * 7919 + pos) % (2 ** 31)
+            yield idx, sample_seed(self.seed, epoch, pos - offset)
             pos += self.world_size
 
     def __len__(self):  # endless; DataLoader only needs this for len(loader)
