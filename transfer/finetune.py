@@ -259,10 +259,10 @@ def _detector_init(args) -> dict | None:
     spec = args.init
     if spec in (None, "", "scratch") or spec.startswith(SUPERVISED_PREFIX) or not os.path.isfile(spec):
         return None
-    try:
-        obj = load_checkpoint(spec)
-    except CheckpointError:
-        return None  # initialise_detector reports it with the detection-init contract
+    try:  # memory-mapped: a detection-init file is not read twice just to see its format
+        obj = torch.load(spec, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - initialise_detector reports the file with the detinit contract
+        return None
     return obj if isinstance(obj, dict) and obj.get("format") == "soco-finetune" else None
 
 
