@@ -24,6 +24,7 @@ from pycocotools import mask as mask_utils
 from socokit import distributed as sdist
 from socokit.log import get_logger
 from transfer.data.annotations import gt_area_presence
+from transfer.models.transform import original_sizes
 
 logger = get_logger("soco.finetune")
 
@@ -227,7 +228,11 @@ def run_inference(model, loader, evaluator: DetectionEvaluator, device, amp_cont
         keep = [i for i, t in enumerate(targets) if not t.get("unreadable")]
         outputs = [None] * len(targets)
         if keep:
-            with amp_context():
+            # images resized by the loader: the model maps its outputs to the original sizes
+            resized = all(targets[i].get("pre_resized") for i in keep)
+            sizes = original_sizes(model, [targets[i]["orig_size"] for i in keep]) if resized \
+                else contextlib.nullcontext()
+            with amp_context(), sizes:
                 preds = model([images[i].to(device, non_blocking=True) for i in keep])
             for i, p in zip(keep, preds):
                 outputs[i] = {k: v.float() if v.is_floating_point() else v for k, v in p.items()}

@@ -27,7 +27,7 @@ from transfer.categories import (REMAP_CHOICES, CategoryMismatchError, label_to_
 from transfer.data import AnnotationError, build_test_loader, build_train_loader, load_split
 from transfer.engine import TrainState, evaluate, train
 from transfer.evaluation import DetectionEvaluator, EvaluationError
-from transfer.models import DETECTORS, apply_frozen_stages, build_detector, has_masks
+from transfer.models import DETECTORS, PARITY_MODES, apply_frozen_stages, build_detector, has_masks
 from transfer.models.init_weights import SUPERVISED_PREFIX, apply_stride_in_1x1, initialise_detector
 from transfer.models.norms import NORMS, PARTS
 from transfer.models.solov2 import SOLOv2Config
@@ -71,6 +71,10 @@ def _add_data_args(d) -> None:
 
 def _add_model_args(m, i) -> None:
     m.add_argument("--detector", default="maskrcnn_fpn", choices=DETECTORS, help="detector family")
+    m.add_argument("--parity", default="detectron2", choices=PARITY_MODES,
+                   help="detectron2: behave as the detectron2/AdelaiDet runs behind the published rows "
+                        "(aligned RoIAlign, L1 box losses, predictor init, aspect-ratio grouping, PIL test "
+                        "resize, ...; docs/finetune.md); torchvision: torchvision's stock components")
     m.add_argument("--backbone", default="resnet50", help="torchvision ResNet name or timm:<name>")
     m.add_argument("--norm", default="syncbn",
                    help=f"norm for all parts ({'|'.join(NORMS)}) or per part, e.g. "
@@ -117,6 +121,9 @@ def _add_solver_args(s) -> None:
     s.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     s.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay (SoCo recipes: 2.5e-5)")
     s.add_argument("--weight-decay-norm", type=float, default=0.0, help="weight decay of norm layers")
+    s.add_argument("--weight-decay-bias", type=float, default=None,
+                   help="weight decay of conv/linear biases (default: --weight-decay; SoCo recipes: 1e-4, "
+                        "what detectron2 <= v0.5 used when WEIGHT_DECAY was overridden)")
     s.add_argument("--warmup-iters", type=int, default=1000, help="linear warmup iterations (reference batch)")
     s.add_argument("--warmup-factor", type=float, default=0.001, help="LR factor at the start of warmup")
     s.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm (0 = off); try 1-10 if training diverges")
@@ -210,7 +217,7 @@ def build_model(args, dist, num_classes: int, pixel: dict | None = None, stride_
         rpn_pre_nms_top_n_train=args.rpn_pre_nms_top_n_train, rpn_pre_nms_top_n_test=args.rpn_pre_nms_top_n_test,
         rpn_post_nms_top_n_train=args.rpn_post_nms_top_n_train,
         rpn_post_nms_top_n_test=args.rpn_post_nms_top_n_test,
-        box_batch_size_per_image=args.box_batch_size_per_image, solov2=args.solov2)
+        box_batch_size_per_image=args.box_batch_size_per_image, solov2=args.solov2, parity=args.parity)
     report, meta = {"loaded": 0, "parts": [], "new": []}, None
     if pixel is None:  # a fresh run: initialise from --init
         # SOLOv2 takes the backbone and FPN of any init file; its heads are new
@@ -329,7 +336,9 @@ def run(args, dist, logger) -> dict | None:
     seed_everything(args.seed, dist.rank)
     test_loader, _ = build_test_loader(val.records, args.val_images, rank=dist.rank, world_size=dist.world_size,
                                        num_workers=args.num_workers, max_images=args.eval_max_images,
-                                       pin_memory=device.type == "cuda")
+                                       pin_memory=device.type == "cuda",
+                                       resize=(args.min_size_test, args.max_size_test)
+                                       if args.parity == "detectron2" else None)
     masks = has_masks(args.detector)
     evaluator = DetectionEvaluator(
         api=val.api, label_to_category=l2c, with_masks=masks, kind=args.dataset_kind,
@@ -369,7 +378,8 @@ def run_training(args, dist, logger, model, ckpt, train_records, eval_fn, amp: s
                 "warmup_factor": args.warmup_factor}
     logger.info("total batch %d: lr %.5g, %d iterations, steps %s, warmup %d", total_batch, sched["lr"],
                 sched["max_iter"], list(sched["steps"]), sched["warmup_iters"])
-    optimizer = build_optimizer(model, sched["lr"], args.momentum, args.weight_decay, args.weight_decay_norm)
+    optimizer = build_optimizer(model, sched["lr"], args.momentum, args.weight_decay, args.weight_decay_norm,
+                                weight_decay_bias=args.weight_decay_bias)
     state = TrainState(optimizer, make_grad_scaler(device, amp), sched["max_iter"], sched["lr"],
                        sched["steps"], sched["warmup_iters"], args.warmup_factor, args.accum_steps,
                        amp, args.norm_eval, args.clip_grad, extra={**extra, "schedule": schedule})
@@ -394,7 +404,8 @@ def run_training(args, dist, logger, model, ckpt, train_records, eval_fn, amp: s
                          accum_steps=args.accum_steps, min_sizes=args.min_sizes_train,
                          max_size=args.max_size_train, flip_prob=args.flip_prob,
                          with_masks=has_masks(args.detector), filter_empty=args.filter_empty,
-                         repeat_threshold=args.repeat_threshold, pin_memory=device.type == "cuda")
+                         repeat_threshold=args.repeat_threshold, pin_memory=device.type == "cuda",
+                         group_aspect=args.parity == "detectron2")
     loader, dataset = build_train_loader(train_records, args.train_images, seed=args.seed,
                                          start_iter=state.iteration, num_workers=args.num_workers, **loader_kwargs)
     logger.info("training on %d images from iteration %d", len(dataset), state.iteration)

@@ -72,18 +72,34 @@ _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 
 def build_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4,
-                    weight_decay_norm: float = 0.0, fused: bool | None = None) -> torch.optim.SGD:
-    """SGD with detectron2's parameter groups: norm weights/biases use ``weight_decay_norm``.
+                    weight_decay_norm: float = 0.0, fused: bool | None = None,
+                    weight_decay_bias: float | None = None) -> torch.optim.SGD:
+    """SGD with detectron2's parameter groups (``solver/build.py``, ``get_default_optimizer_params``).
+
+    * parameters of norm layers (BN, SyncBN, GN, LN; weights and biases): ``weight_decay_norm``;
+    * biases of the other layers (convs, linears): ``weight_decay_bias`` (None = ``weight_decay``);
+    * everything else: ``weight_decay``.
+
+    detectron2 v0.1–v0.5 (the releases the published rows were trained with) bound
+    ``SOLVER.WEIGHT_DECAY_BIAS`` to the *default* ``WEIGHT_DECAY`` (1e-4) when its defaults were
+    defined, so a recipe that lowers ``WEIGHT_DECAY`` (SoCo: 2.5e-5) kept 1e-4 on biases; v0.6
+    (Sept 2021, commit 2df9c7d) made it follow ``WEIGHT_DECAY``. The SoCo recipes therefore set
+    ``weight_decay_bias: 1.0e-4``.
 
     Frozen parameters (``requires_grad=False``) are left out. ``fused`` picks the fused CUDA
     kernel (default: on CUDA parameters); otherwise the multi-tensor ``foreach`` path.
     """
-    decay, no_decay = [], []
+    wd_bias = weight_decay if weight_decay_bias is None else weight_decay_bias
+    decay, bias, no_decay = [], [], []
     for module in model.modules():
-        for p in module.parameters(recurse=False):
+        for name, p in module.named_parameters(recurse=False):
             if p.requires_grad:
-                (no_decay if isinstance(module, _NORMS) else decay).append(p)
+                if isinstance(module, _NORMS):
+                    no_decay.append(p)
+                else:
+                    (bias if name == "bias" else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": bias, "weight_decay": wd_bias},
               {"params": no_decay, "weight_decay": weight_decay_norm}]
     groups = [g for g in groups if g["params"]]
     if fused is None:

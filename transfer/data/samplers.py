@@ -9,6 +9,11 @@ stream positions ``r, r + W, r + 2W, ...``. With ``b`` images per rank per step,
 step ``i`` therefore consumes positions ``[i*b*W, (i+1)*b*W)`` whatever ``W`` is, and the
 augmentation seed belongs to the stream position: 2 ranks x 1 image see exactly the samples of
 1 rank x 2 images, and a resumed run continues the very same stream.
+
+:class:`AspectRatioGroupedBatchSampler` (detectron2's ``ASPECT_RATIO_GROUPING``, on in every
+reference recipe) batches each rank's stream by orientation instead, so a batch never mixes
+landscape and portrait images; batches then no longer map one-to-one onto stream positions, and
+a resumed run replays the (cheap, index-only) grouping from the start of the stream.
 """
 from __future__ import annotations
 
@@ -107,3 +112,42 @@ class InferenceSampler(Sampler):
 
     def __len__(self):
         return len(self.indices)
+
+
+class AspectRatioGroupedBatchSampler(Sampler):
+    """Batches of ``batch_size`` stream items of one orientation (detectron2
+    ``AspectRatioGroupedDataset``).
+
+    Items of this rank's stream go to one of two buckets, landscape (``width > height``) or not;
+    a bucket that reaches ``batch_size`` items is emitted as a batch, in stream order. Padding a
+    batch to its largest image then adds no area for the other orientation (less padding in the
+    BN statistics and less compute).
+
+    Args:
+        sampler: this rank's endless stream (an :class:`InfiniteSampler` started at 0).
+        landscape: per dataset index, True when the image is wider than high.
+        batch_size: images per batch.
+        skip_batches: batches already consumed (resume); they are regrouped and dropped.
+    """
+
+    def __init__(self, sampler: InfiniteSampler, landscape, batch_size: int, skip_batches: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.sampler, self.batch_size, self.skip_batches = sampler, int(batch_size), int(skip_batches)
+        self.landscape = [bool(v) for v in landscape]
+
+    def __iter__(self):
+        buckets = ([], [])
+        emitted = 0
+        for item in self.sampler:
+            bucket = buckets[0 if self.landscape[item[0]] else 1]
+            bucket.append(item)
+            if len(bucket) == self.batch_size:
+                batch = list(bucket)
+                bucket.clear()
+                emitted += 1
+                if emitted > self.skip_batches:
+                    yield batch
+
+    def __len__(self):  # endless
+        return 2 ** 62

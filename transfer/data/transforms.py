@@ -7,8 +7,10 @@ the final size (polygons are scaled and flipped as coordinates; RLE masks are de
 resized with nearest neighbour). The model's own transform then only normalises (see
 ``transfer.models.transform.DetectorInputTransform``).
 
-Evaluation: no geometric change; the model resizes to its single test scale and maps the
-predictions back to the original image, as torchvision's detectors do.
+Evaluation: with ``resize_test`` the image is resized the same way (PIL bilinear on 8-bit, the
+single test size, no flip; detectron2's ``ResizeShortestEdge`` at test time) and the model maps
+its predictions back to the original frame; without it the image is left at its size and the
+model resizes it (torchvision's behaviour).
 
 Boxes are continuous ``boxes_xyxy`` in pixels (x2 = x + w of a COCO ``[x, y, w, h]`` box).
 """
@@ -26,14 +28,17 @@ from pycocotools import mask as mask_utils
 def scaled_size(h: int, w: int, short: int, max_size: int) -> tuple[int, int]:
     """(new_h, new_w) with the shorter side ``short`` unless the longer one would pass ``max_size``.
 
-    Follows detectron2's ``ResizeShortestEdge``: scale = short / min(h, w), reduced so that
-    max(h, w) * scale <= max_size, sizes rounded to the nearest integer.
+    Follows detectron2's ``ResizeShortestEdge.get_output_shape``: the shorter side becomes
+    ``short``, both sides shrink together when the longer one passes ``max_size``, and each side
+    is rounded half up (``int(x + 0.5)``).
     """
     scale = short / min(h, w)
-    if max(h, w) * scale > max_size:
-        scale = max_size / max(h, w)
+    new_h, new_w = (short, scale * w) if h < w else (scale * h, short)
+    if max(new_h, new_w) > max_size:
+        shrink = max_size / max(new_h, new_w)
+        new_h, new_w = new_h * shrink, new_w * shrink
     # at least one pixel per side, for extreme aspect ratios (a 2 x 600 strip)
-    return max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+    return max(1, int(new_h + 0.5)), max(1, int(new_w + 0.5))
 
 
 def segm_to_mask(segm, orig_hw: tuple[int, int], out_hw: tuple[int, int], flip: bool) -> np.ndarray:
@@ -88,11 +93,14 @@ class DetectionTransform:
         max_size: cap on the longer side.
         flip_prob: probability of a horizontal flip in training.
         with_masks: rasterise instance masks into ``target["masks"]``.
+        resize_test: evaluation only: resize to ``min_sizes[-1]`` / ``max_size`` here (PIL, as in
+            training) and mark the target ``pre_resized``; otherwise leave the image as it is.
     """
 
     def __init__(self, train: bool, min_sizes=(640, 672, 704, 736, 768, 800), max_size: int = 1333,
-                 flip_prob: float = 0.5, with_masks: bool = True):
+                 flip_prob: float = 0.5, with_masks: bool = True, resize_test: bool = False):
         self.train = train
+        self.resize_test = resize_test
         self.min_sizes = tuple(int(s) for s in min_sizes)
         self.max_size = int(max_size)
         self.flip_prob = float(flip_prob)
@@ -113,9 +121,10 @@ class DetectionTransform:
         """
         w, h = image.size
         oh, ow, flip = h, w, False
-        if self.train:
-            oh, ow = scaled_size(h, w, rng.choice(self.min_sizes), self.max_size)
-            flip = rng.random() < self.flip_prob
+        if self.train or self.resize_test:
+            short = rng.choice(self.min_sizes) if self.train else self.min_sizes[-1]
+            oh, ow = scaled_size(h, w, short, self.max_size)
+            flip = self.train and rng.random() < self.flip_prob
             if (oh, ow) != (h, w):
                 image = image.resize((ow, oh), Image.BILINEAR)
             if flip:
@@ -137,6 +146,8 @@ class DetectionTransform:
             "boxes": boxes_xyxy[keep],
             "labels": torch.tensor([a["label"] for a in anns], dtype=torch.int64).reshape(-1)[keep],
         }
+        if self.resize_test and not self.train:
+            target["pre_resized"] = True
         if self.with_masks:
             kept = [a for a, k in zip(anns, keep.tolist()) if k]
             masks = [segm_to_mask(a["segmentation"], (h, w), (oh, ow), flip) for a in kept]

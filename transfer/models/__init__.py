@@ -12,10 +12,12 @@ from torch import nn
 from socokit.backbones import PIXEL_CONVENTION
 from transfer.models.dense import build_fcos, build_retinanet
 from transfer.models.norms import freeze_stages, resolve_norms
+from transfer.models.parity import PARITY_MODES, check_parity
 from transfer.models.rcnn import build_rcnn_c4, build_rcnn_fpn
 from transfer.models.solov2 import build_solov2
 from transfer.models.transform import DetectorInputTransform, pixel_to_mean_std
 
+__all__ = ["DETECTORS", "PARITY_MODES", "apply_frozen_stages", "build_detector", "has_masks"]
 DETECTORS = ("maskrcnn_fpn", "fasterrcnn_fpn", "maskrcnn_c4", "fasterrcnn_c4", "retinanet", "fcos", "solov2")
 
 
@@ -34,7 +36,7 @@ def has_masks(name: str) -> bool:
 def build_detector(name: str, *, backbone: str = "resnet50", num_classes: int, norm="syncbn",
                    sync_ok: bool = False, min_size: int = 800, max_size: int = 1333,
                    pixel: dict | None = None, channels_last: bool = False,
-                   resize_in_model: bool = False, **widths) -> nn.Module:
+                   resize_in_model: bool = False, parity: str = "detectron2", **widths) -> nn.Module:
     """Build a detector (weights freshly initialised; see :mod:`transfer.models.init_weights`).
 
     Args:
@@ -49,6 +51,9 @@ def build_detector(name: str, *, backbone: str = "resnet50", num_classes: int, n
         channels_last: hand the backbone channels_last batches.
         resize_in_model: let the model draw the training size (torchvision's behaviour) instead
             of the data pipeline.
+        parity: ``detectron2`` (default: the behaviour of the published detectron2 / AdelaiDet
+            runs, :mod:`transfer.models.parity`) or ``torchvision`` (torchvision's stock
+            components).
         **widths: ``fpn_channels``, ``conv_dim``, ``fc_dim``, ``mask_dim``, ``extra_norm``,
             ``box_score_thresh``, ``detections_per_img`` (forwarded to the builders), ``solov2``
             (SOLOv2 options, see :meth:`transfer.models.solov2.SOLOv2Config.from_options`).
@@ -63,7 +68,7 @@ def build_detector(name: str, *, backbone: str = "resnet50", num_classes: int, n
     family = {"retinanet": "dense", "fcos": "dense", "solov2": "solov2"}.get(name) or name.rsplit("_", 1)[1]
     # Options that do not apply to this family (e.g. fc_dim for C4) are ignored.
     widths = {k: v for k, v in widths.items() if k not in _NOT_FOR[family]}
-    common = dict(arch=backbone, num_classes=num_classes, norms=norms, **widths)
+    common = dict(arch=backbone, num_classes=num_classes, norms=norms, parity=check_parity(parity), **widths)
     if name.endswith("_fpn"):
         model = build_rcnn_fpn(with_masks=has_masks(name), **common)
     elif name.endswith("_c4"):
@@ -76,7 +81,8 @@ def build_detector(name: str, *, backbone: str = "resnet50", num_classes: int, n
         model = build_fcos(**common)
     mean, std, channels = pixel_to_mean_std(pixel or PIXEL_CONVENTION)
     model.transform = DetectorInputTransform(min_size, max_size, mean, std, channels=channels,
-                                         resize_in_model=resize_in_model, channels_last=channels_last)
+                                         resize_in_model=resize_in_model, channels_last=channels_last,
+                                         parity=parity)
     model.norms = norms
     return model
 

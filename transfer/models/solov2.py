@@ -254,7 +254,8 @@ class SOLOv2(nn.Module):
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):
         if self.training and targets is None:
             raise ValueError("SOLOv2 needs targets (boxes, labels, masks) in training mode")
-        original_hw = [tuple(img.shape[-2:]) for img in images]
+        # images the evaluation loader resized come with their original sizes (transform.py)
+        original_hw = getattr(self.transform, "given_original_sizes", None) or [tuple(img.shape[-2:]) for img in images]
         image_list, targets = self.transform(images, targets)
         feats = list(self.backbone(image_list.tensors).values())        # P2..P6
         cates, kernels = self.ins_head(feats)

@@ -9,13 +9,22 @@
 * the pixel convention comes from the weights (``mean``/``std`` in [0, 1] units, channel order
   RGB or BGR), so the stem always sees what it was trained on.
 
-At evaluation the model resizes to ``min_size[-1]`` / ``max_size`` and maps boxes and masks
-back to the original image, exactly as torchvision does.
+At evaluation the model maps boxes and masks back to the original image. The evaluation loader
+normally hands it images already resized with PIL in its workers (detectron2's
+``ResizeShortestEdge``, the same code path as training; see :func:`original_sizes`); images
+given without original sizes are resized by the model (torchvision's bilinear resize on
+normalised floats). With ``parity="detectron2"`` masks are pasted with detectron2's aligned
+sampling (:func:`transfer.models.parity.paste_masks_aligned`), otherwise with torchvision's.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.models.detection.roi_heads import paste_masks_in_image
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
+
+from transfer.models.parity import check_parity, paste_masks_aligned
 
 
 def pixel_to_mean_std(pixel: dict) -> tuple[list[float], list[float], str]:
@@ -41,14 +50,18 @@ class DetectorInputTransform(GeneralizedRCNNTransform):
             ``channels``.
         channels: "RGB" (input order) or "BGR" (channels reversed before normalising).
         channels_last: return the padded batch in channels_last memory format.
+        parity: ``detectron2`` (aligned mask pasting) or ``torchvision``.
     """
 
     def __init__(self, min_size, max_size, image_mean, image_std, channels: str = "RGB",
-                 resize_in_model: bool = False, channels_last: bool = False, size_divisible: int = 32):
+                 resize_in_model: bool = False, channels_last: bool = False, size_divisible: int = 32,
+                 parity: str = "detectron2"):
         super().__init__(min_size, max_size, list(image_mean), list(image_std), size_divisible=size_divisible)
         self.channels = channels
         self.resize_in_model = resize_in_model
         self.channels_last = channels_last
+        self.parity = check_parity(parity)
+        self.given_original_sizes = None  # set by original_sizes(): inputs are pre-resized
 
     def normalize(self, image: torch.Tensor) -> torch.Tensor:
         if not image.is_floating_point():
@@ -62,6 +75,8 @@ class DetectorInputTransform(GeneralizedRCNNTransform):
     def resize(self, image, target=None):
         if self.training and not self.resize_in_model:
             return image, target
+        if not self.training and self.given_original_sizes is not None:
+            return image, target  # resized by the data pipeline
         h, w = image.shape[-2:]
         scale = min(float(self.min_size[-1]) / min(h, w), float(self.max_size) / max(h, w))
         if self.training or (int(h * scale) >= 1 and int(w * scale) >= 1):
@@ -72,8 +87,36 @@ class DetectorInputTransform(GeneralizedRCNNTransform):
         image = torch.nn.functional.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
         return image, target
 
+    def postprocess(self, result, image_shapes, original_image_sizes):
+        """Boxes (and masks, pasted) in the original frame: ``given_original_sizes`` if set."""
+        if self.training:
+            return result
+        sizes = self.given_original_sizes or original_image_sizes
+        for pred, im_s, o_im_s in zip(result, image_shapes, sizes):
+            pred["boxes"] = resize_boxes(pred["boxes"], im_s, o_im_s)
+            if "masks" in pred:
+                paste = paste_masks_aligned if self.parity == "detectron2" else paste_masks_in_image
+                pred["masks"] = paste(pred["masks"], pred["boxes"], o_im_s)
+        return result
+
     def batch_images(self, images, size_divisible: int = 32):
         batched = super().batch_images(images, size_divisible)
         if self.channels_last:
             batched = batched.contiguous(memory_format=torch.channels_last)
         return batched
+
+
+@contextlib.contextmanager
+def original_sizes(model, sizes):
+    """Run ``model`` on images the data pipeline already resized; map outputs to ``sizes``.
+
+    Args:
+        model: a detector from :func:`transfer.models.build_detector` (not DDP-wrapped).
+        sizes: list of (H, W) of the original images, one per image of the next call.
+    """
+    transform = model.transform
+    transform.given_original_sizes = [tuple(int(v) for v in s) for s in sizes]
+    try:
+        yield model
+    finally:
+        transform.given_original_sizes = None
