@@ -11,7 +11,13 @@ same batch, same image size, same images, in one run:
   GradScaler.
 * **ours**: :mod:`transfer.engine` / :mod:`transfer.data`: resize and mask rasterisation at the
   final size in the workers on uint8, uint8 transfer and normalisation on the device,
-  channels_last (CUDA), AMP (``--amp``), fused (CUDA) / foreach SGD, all-rank finite check.
+  channels_last (CUDA), AMP (``--amp``), fused (CUDA) / foreach SGD, all-rank finite check;
+  timed twice: with ``parity="torchvision"`` (torchvision's components, no aspect grouping, the
+  model resizes test images) and with ``parity="detectron2"`` (the recipes' default: aligned
+  RoIAlign, L1 losses, aspect-ratio grouping, test resize in the workers, aligned mask pasting).
+  The last column is the cost of detectron2 parity, ``torchvision / detectron2 - 1``.
+
+Each path runs ``--repeats`` times, interleaved, and the best rate is kept (the CPU is shared).
 
 CPU at small sizes by default; on a GPU: ``--device cuda --amp bf16 --size 800 --backbone resnet50``.
 
@@ -81,10 +87,11 @@ class ReferenceCocoDataset(Dataset):
         return img, target
 
 
-def _model(args, device, ours: bool):
+def _model(args, device, ours: bool, parity: str = "torchvision"):
     torch.manual_seed(0)
     model = build_detector("maskrcnn_fpn", backbone=args.backbone, num_classes=11, norm="bn",
-                           min_size=args.size, max_size=args.max_size, channels_last=ours and device.type == "cuda")
+                           min_size=args.size, max_size=args.max_size, channels_last=ours and device.type == "cuda",
+                           parity=parity)
     if not ours:
         model.transform = GeneralizedRCNNTransform(args.size, args.max_size, PIXEL_CONVENTION["mean"],
                                                    PIXEL_CONVENTION["std"])
@@ -135,12 +142,13 @@ def bench_reference(args, data, device) -> float:
                 return n / (time.perf_counter() - start)
 
 
-def bench_ours(args, data, device) -> float:
-    model = _model(args, device, ours=True)
+def bench_ours(args, data, device, parity: str) -> float:
+    model = _model(args, device, ours=True, parity=parity)
     records, _, _ = load_split(data["coco_train_images"], data["coco_train_json"])
     loader, _ = build_train_loader(records, data["coco_train_images"], batch_size=args.batch, seed=0, rank=0,
                                    world_size=1, start_iter=0, min_sizes=(args.size,), max_size=args.max_size,
-                                   num_workers=args.workers, pin_memory=device.type == "cuda")
+                                   num_workers=args.workers, pin_memory=device.type == "cuda",
+                                   group_aspect=parity == "detectron2")
     state = TrainState(build_optimizer(model, 0.002), make_grad_scaler(device, args.amp), 10 ** 9, 0.002, (),
                        0, amp=args.amp)
     data_iter = iter(loader)
@@ -154,11 +162,12 @@ def bench_ours(args, data, device) -> float:
     return args.iters * args.batch / (time.perf_counter() - start)
 
 
-def bench_eval(args, data, device, ours: bool) -> float:
-    model = _model(args, device, ours).eval()
+def bench_eval(args, data, device, ours: bool, parity: str = "torchvision") -> float:
+    model = _model(args, device, ours, parity).eval()
     records, categories, api = load_split(data["coco_val_images"], data["coco_val_json"])
     evaluator = DetectionEvaluator(api, [0] + [c["id"] for c in categories], with_masks=True)
-    loader, _ = build_test_loader(records, data["coco_val_images"], rank=0, world_size=1, num_workers=args.workers)
+    loader, _ = build_test_loader(records, data["coco_val_images"], rank=0, world_size=1, num_workers=args.workers,
+                                  resize=(args.size, args.max_size) if parity == "detectron2" else None)
     start = time.perf_counter()
     if not ours:  # reference: float images from the loader (lazy, so it is timed too)
         loader = (([img.float() / 255 for img in images], targets) for images, targets in loader)
@@ -181,6 +190,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave)")
     p.add_argument("--images", type=int, default=24, help="synthetic COCO-style training images")
     p.add_argument("--measure", default="both", choices=("both", "train", "eval"), help="what to time")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved runs per path; the best rate is kept")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -192,13 +202,32 @@ def main(argv=None):
         print(f"device {device}, amp {args.amp}, backbone {args.backbone}, size {args.size}/{args.max_size}, "
               f"batch {args.batch}, {args.iters} timed steps after {args.warmup}, {args.workers} workers")
         if args.measure in ("both", "train"):
-            ref = bench_reference(args, data, device)
-            ours = bench_ours(args, data, device)
-            print(f"train images/s  reference {ref:8.2f}   ours {ours:8.2f}   speed-up {ours / ref:5.2f}x")
+            rates = _interleaved(args.repeats, {
+                "reference": lambda: bench_reference(args, data, device),
+                "torchvision": lambda: bench_ours(args, data, device, "torchvision"),
+                "detectron2": lambda: bench_ours(args, data, device, "detectron2")})
+            _report("train", rates)
         if args.measure in ("both", "eval"):
-            ref_e = bench_eval(args, data, device, ours=False)
-            ours_e = bench_eval(args, data, device, ours=True)
-            print(f"eval  images/s  reference {ref_e:8.2f}   ours {ours_e:8.2f}   speed-up {ours_e / ref_e:5.2f}x")
+            rates = _interleaved(args.repeats, {
+                "reference": lambda: bench_eval(args, data, device, ours=False),
+                "torchvision": lambda: bench_eval(args, data, device, ours=True),
+                "detectron2": lambda: bench_eval(args, data, device, ours=True, parity="detectron2")})
+            _report("eval ", rates)
+
+
+def _interleaved(repeats: int, paths: dict) -> dict:
+    """Best images/s of each path over ``repeats`` interleaved runs."""
+    best = {name: 0.0 for name in paths}
+    for _ in range(max(1, repeats)):
+        for name, run in paths.items():
+            best[name] = max(best[name], run())
+    return best
+
+
+def _report(what: str, r: dict) -> None:
+    print(f"{what} images/s  reference {r['reference']:8.2f}   ours (torchvision parity) {r['torchvision']:8.2f}"
+          f"   speed-up {r['torchvision'] / r['reference']:5.2f}x   ours (detectron2 parity) {r['detectron2']:8.2f}"
+          f"   parity cost {100 * (r['torchvision'] / r['detectron2'] - 1):+5.1f} %")
 
 
 if __name__ == "__main__":

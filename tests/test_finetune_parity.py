@@ -257,37 +257,42 @@ def test_aspect_grouping_never_mixes_orientations(tmp_path):
     assert _orientations_of_batches(image_root, ann, start_iter=5, steps=7) == batches[5:]
 
 
-def _grouping_worker(rank, world, image_root, ann, port, queue):
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        queue.put((rank, _orientations_of_batches(image_root, ann, rank=dist.get_rank(),
-                                                  world_size=dist.get_world_size(), steps=8)))
-    finally:
-        dist.destroy_process_group()
+_GROUPING_WORKER = """
+import json, sys
+import torch.distributed as dist
+from transfer.data import build_train_loader, load_split
+rank, port, image_root, ann = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+records, _, _ = load_split(image_root, ann)
+loader, _ = build_train_loader(records, image_root, batch_size=2, seed=3, rank=dist.get_rank(),
+                               world_size=dist.get_world_size(), start_iter=0, min_sizes=(32,), max_size=64,
+                               num_workers=0, with_masks=False)
+out = [[(img.shape[2] > img.shape[1], t["image_id"]) for img, t in zip(*batch)] for _, batch in zip(range(8), loader)]
+dist.destroy_process_group()
+print(json.dumps(out))
+"""
 
 
 def test_aspect_grouping_two_process_gloo(tmp_path):
+    import json
+    import os
     import socket
-
-    import torch.multiprocessing as mp
+    import subprocess
+    import sys
     image_root, ann = _mixed_orientation_set(str(tmp_path))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_grouping_worker, args=(r, 2, image_root, ann, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    for rank in (0, 1):
-        assert all(len({land for land, _ in b}) == 1 for b in results[rank])
-    ids = [{i for b in results[r] for _, i in b} for r in (0, 1)]
-    assert ids[0] and ids[1] and results[0] != results[1]  # each rank groups its own stream
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(here))
+    procs = [subprocess.Popen([sys.executable, "-c", _GROUPING_WORKER, str(r), str(port), image_root, ann],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    results = [[[tuple(x) for x in b] for b in json.loads(o[0].strip().splitlines()[-1])] for o in outs]
+    for batches in results:
+        assert len(batches) == 8 and all(len({land for land, _ in b}) == 1 for b in batches)
+    assert results[0] != results[1]  # each rank groups its own part of the stream
 
 
 def test_train_and_test_resize_give_the_same_pixels():
@@ -357,7 +362,8 @@ def test_fcos_locations_scales_and_candidates():
     model = build_detector("fcos", norm="bn", **dict(TINY, fpn_channels=32))
     assert isinstance(model, AdelaiFCOS)
     gen = model.anchor_generator
-    anchors = gen.grid_anchors([(2, 2), (1, 1)], [[torch.tensor(8), torch.tensor(8)], [torch.tensor(16), torch.tensor(16)]])
+    strides = [[torch.tensor(s), torch.tensor(s)] for s in (8, 16, 32, 64, 128)]
+    anchors = gen.grid_anchors([(2, 2)] + [(1, 1)] * 4, strides)
     # AdelaiDet locations: stride * i + stride // 2; the 8-px cell anchor is centred there
     torch.testing.assert_close(anchors[0][:2], torch.tensor([[0.0, 0.0, 8.0, 8.0], [8.0, 0.0, 16.0, 8.0]]))
     torch.testing.assert_close(anchors[1][0], torch.tensor([0.0, 0.0, 16.0, 16.0]))

@@ -36,14 +36,9 @@ from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 from socokit import distributed as sdist
 
 
-def _mean_over_processes(value: float) -> float:
-    """The mean of a Python number over all processes (the value itself without distributed)."""
-    if not sdist.is_dist_avail_and_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64,
-                     device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
-    torch.distributed.all_reduce(t)
-    return t.item() / torch.distributed.get_world_size()
+def _mean_over_processes(value: Tensor) -> float:
+    """The mean of a 0-dim tensor over all processes (its value without distributed)."""
+    return sdist.all_reduce_mean(value.detach().to(torch.float64)).item()
 
 
 class ScaledFCOSRegressionHead(FCOSRegressionHead):
@@ -99,7 +94,7 @@ class AdelaiFCOSHead(FCOSHead):
             gt_boxes.append(boxes)
         gt_classes, gt_boxes, anchors = torch.stack(gt_classes), torch.stack(gt_boxes), torch.stack(anchors)
         fg = gt_classes >= 0
-        num_pos = max(_mean_over_processes(float(fg.sum().item())), 1.0)
+        num_pos = max(_mean_over_processes(fg.sum()), 1.0)
         onehot = torch.zeros_like(cls_logits)
         onehot[fg, gt_classes[fg]] = 1.0
         loss_cls = sigmoid_focal_loss(cls_logits, onehot, reduction="sum") / num_pos
@@ -107,7 +102,7 @@ class AdelaiFCOSHead(FCOSHead):
         lr, tb = targets_enc[:, [0, 2]], targets_enc[:, [1, 3]]
         ctr_t = torch.sqrt((lr.min(dim=1).values / lr.max(dim=1).values)
                            * (tb.min(dim=1).values / tb.max(dim=1).values))  # [P]
-        denorm = max(_mean_over_processes(float(ctr_t.sum().item())), 1e-6)
+        denorm = max(_mean_over_processes(ctr_t.sum()), 1e-6)
         pred_boxes = self.box_coder.decode(deltas[fg], anchors[fg])
         giou = generalized_box_iou_loss(pred_boxes, gt_boxes[fg], reduction="none")  # [P]
         loss_reg = (giou * ctr_t).sum() / denorm
