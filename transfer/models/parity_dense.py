@@ -142,7 +142,9 @@ class Detectron2RetinaNet(RetinaNet):
     """torchvision ``RetinaNet`` with detectron2's loss normalisation (module docstring).
 
     ``loss_normalizer`` (a buffer, so it is checkpointed and resumes exactly) holds the moving
-    average of positive anchors per step on this process.
+    average of positive anchors per step on this process. Under DDP (``broadcast_buffers``) every
+    process starts each step from rank 0's value; detectron2 keeps one per process (its DDP does
+    not broadcast buffers). Both are moving averages of the same quantity.
     """
 
     def __init__(self, *args, **kwargs):
