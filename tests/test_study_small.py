@@ -1,0 +1,90 @@
+"""The small-scale study (benchmarks/study_small.py): its measures against hand-made answers, and one
+tiny end-to-end run that writes its table and resumes without redoing anything."""
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("study_small", ROOT / "benchmarks" / "study_small.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_knn_votes_by_similarity(study):
+    train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    train_y = torch.tensor([0, 0, 1, 1])
+    test = torch.tensor([[1.0, 0.05], [0.05, 1.0], [0.2, 1.0]])
+    assert study.knn_accuracy(train, train_y, test, torch.tensor([0, 1, 1]), k=1) == 1.0
+    assert study.knn_accuracy(train, train_y, test, torch.tensor([1, 1, 0]), k=3) == pytest.approx(1 / 3)
+
+
+def test_linear_probe_separates_separable_classes(study):
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[3.0, 0, 0], [0, 3.0, 0], [0, 0, 3.0]])
+    y = torch.arange(3).repeat(20)
+    x = centres[y] + 0.3 * torch.randn(60, 3, generator=g)
+    assert study.linear_probe_accuracy(x[:30], y[:30], x[30:], y[30:]) == 1.0
+    # labels unrelated to the features: a linear probe cannot beat a guess by much on 30 points
+    shuffled = y[torch.randperm(60, generator=g)]
+    assert study.linear_probe_accuracy(x[:30], shuffled[:30], x[30:], shuffled[30:]) < 0.7
+
+
+def test_embedding_spread_detects_collapse(study):
+    collapsed = torch.ones(50, 8) + 1e-6 * torch.randn(50, 8)
+    assert study.embedding_spread(collapsed) < 1e-3
+    # one-hot rows over 4 dims, each dim hot in a quarter of the rows: std sqrt(3)/4 per dim (sample std)
+    onehot = torch.eye(4).repeat(25, 1)
+    expected = math.sqrt(0.25 * 0.75 * 100 / 99) * 2
+    assert study.embedding_spread(onehot) == pytest.approx(expected, rel=1e-5)
+
+
+def test_summary_mean_and_sample_std(study):
+    rows = [{"method": "a", "seed": s, "status": "ok", "AP": ap, "AP50": 2 * ap} for s, ap in enumerate((1.0, 2.0, 4.0))]
+    rows.append({"method": "a", "seed": 3, "status": "failed"})
+    out = study.summarise(rows, ["a", "b"])
+    assert out["a"]["AP"] == {"mean": round(7 / 3, 2), "std": round(math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2
+                                                                                 + (4 - 7 / 3) ** 2) / 2), 2)}
+    assert out["a"]["seeds_ok"] == 3 and out["a"]["seeds_total"] == 4
+    assert out["b"] == {"seeds_ok": 0, "seeds_total": 0}
+
+
+def test_split_coco_json_keeps_each_image_once(study, tmp_path):
+    d = {"images": [{"id": i} for i in range(5)], "categories": [{"id": 1}],
+         "annotations": [{"id": 10 + i, "image_id": i % 5} for i in range(8)]}
+    (tmp_path / "val.json").write_text(json.dumps(d))
+    study.split_coco_json(tmp_path / "val.json", 2, tmp_path)
+    sel = json.loads((tmp_path / "instances_select.json").read_text())
+    test = json.loads((tmp_path / "instances_test.json").read_text())
+    assert [im["id"] for im in sel["images"]] == [0, 1] and [im["id"] for im in test["images"]] == [2, 3, 4]
+    assert sorted(a["id"] for a in sel["annotations"]) == [10, 11, 15, 16]
+    assert sorted(a["id"] for a in test["annotations"]) == [12, 13, 14, 17]
+
+
+def test_tiny_study_end_to_end_and_resume(study, tmp_path, capsys):
+    out = tmp_path / "study"
+    args = ["--out", str(out), "--preset", "tiny", "--methods", "scratch", "soco_fpn", "--seeds", "0"]
+    res = study.main(args)
+    assert res["counts"]["unlabeled_images"] == 8 and res["counts"]["det_test_images"] == 2
+    rows = {r["method"]: r for r in res["finetune"]}
+    assert rows["scratch"]["status"] == "ok" and rows["soco_fpn"]["status"] == "ok", res["finetune"]
+    assert [p["epoch"] for p in res["pretrain"]["soco_fpn"]["probe"]] == [0, 1]
+    # the rebuilt initial weights match the run's: 2 warmup iterations move convolutions by far less
+    # than an unrelated random initialisation would (relative distance about 1.4)
+    drift = res["pretrain"]["soco_fpn"]["probe"][1]["drift"]
+    assert 0 < drift["conv_median"] <= drift["conv_max"] < 0.1
+    table = (out / "results.md").read_text()
+    assert "| scratch |" in table and "| soco_fpn |" in table and "Every fine-tuning run" in table
+    assert json.loads((out / "results.json").read_text())["summary"]["soco_fpn"]["seeds_ok"] == 1
+    n_runs = len((out / "runs.jsonl").read_text().splitlines())
+    again = study.main(args)  # resumes: every step is done, nothing runs again
+    assert len((out / "runs.jsonl").read_text().splitlines()) == n_runs
+    assert again["summary"] == res["summary"]
