@@ -52,7 +52,7 @@ PRESETS = {
     # Fits in about 80 minutes of one contended CPU core (the session that wrote the study).
     "session": dict(num_classes=10, unlabeled_per_class=60, probe_per_class=20, det_train=150,
                     det_select=50, det_test=100, image_size=(96, 128), view_size=64,
-                    pretrain_epochs=1, pretrain_batch=8, pretrain_base_lr=32.0, finetune_iters=100,
+                    pretrain_epochs=1, pretrain_batch=8, pretrain_base_lr=32.0, finetune_iters=60,
                     finetune_batch=4, finetune_lr=0.02, seeds=(0, 1, 2), probe_size=112),
     # The scale issue 14 asks for: thousands of unlabeled scenes, a few hundred detection training
     # images, >= 100 evaluation images, long enough fine-tuning for scratch to leave the floor.
