@@ -420,10 +420,20 @@ def run_study(a) -> dict:
                               load_images(data / "probe" / "test", a.probe_size))
             import torch
             torch.set_num_threads(a.threads)
-            probes[key] = probe(init_file, a.arch, probe_data)
-            probes_file.write_text(json.dumps(probes, indent=2))
+            save_probe(key, probe(init_file, a.arch, probe_data))
             print(f"[study] probe {key}: {probes[key]}", flush=True)
         return probes[key]
+
+    def save_probe(key: str, value: dict) -> None:
+        """Merge one entry into probes.json under a lock (several study processes may share ``--out``)."""
+        import fcntl
+
+        with open(out / ".probes.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            on_disk = json.loads(probes_file.read_text()) if probes_file.is_file() else {}
+            probes.update({k: v for k, v in on_disk.items() if k not in probes or k == key})
+            probes[key] = value
+            probes_file.write_text(json.dumps(probes, indent=2))
 
     results["pretrain"]["scratch"] = {"probe": [{"epoch": 0, **get_probe("random_init", None)}]}
     inits = {"scratch": "scratch"}
@@ -434,7 +444,8 @@ def run_study(a) -> dict:
          pre_dirs[m] / f"ckpt_epoch_{a.pretrain_epochs:04d}.pth", env) for m in pretrained])
     for m, rec in zip(pretrained, pre_recs):
         tag, pre = tags[m], pre_dirs[m]
-        entry = {"status": rec["status"], "wall_s": rec.get("wall_s"), "probe": [{"epoch": 0, **probes["random_init"]}]}
+        entry = {"status": rec["status"], "wall_s": pretrain_wall(pre) or rec.get("wall_s"),
+                 "probe": [{"epoch": 0, **probes["random_init"]}]}
         results["pretrain"][m] = entry
         for e in range(1, a.pretrain_epochs + 1):
             ckpt = pre / f"ckpt_epoch_{e:04d}.pth"
@@ -446,8 +457,7 @@ def run_study(a) -> dict:
                 entry["probe"].append({"epoch": e, **get_probe(f"{tag}_epoch{e}", det)})
                 key = f"drift_{tag}_epoch{e}"
                 if key not in probes:
-                    probes[key] = weight_drift(ckpt)
-                    probes_file.write_text(json.dumps(probes, indent=2))
+                    save_probe(key, weight_drift(ckpt))
                 entry["probe"][-1]["drift"] = probes[key]
         det = out / "init" / f"{tag}_epoch{a.pretrain_epochs:04d}.pth"
         if det.is_file():
@@ -497,6 +507,24 @@ def pretrain_losses(pre: Path) -> list[dict]:
         return []
     found = re.findall(r"epoch (\d+) done: \d+ iterations, mean loss (-?[\d.]+(?:e-?\d+)?)", f.read_text())
     return [{"epoch": int(e), "loss": float(v)} for e, v in found]
+
+
+def pretrain_wall(pre: Path) -> float | None:
+    """Seconds from a pretraining run's first log line to its last checkpoint save (``log.txt``
+    timestamps, so a run started by another process is timed too; a resumed run includes its pause);
+    None when unknown."""
+    import re
+    from datetime import datetime
+
+    f = pre / "log.txt"
+    if not f.is_file():
+        return None
+    stamps = re.findall(r"^\[(\d\d/\d\d \d\d:\d\d:\d\d) [^\]]*\] (.*)$", f.read_text(), re.M)
+    saves = [t for t, msg in stamps if msg.startswith("saved ckpt_epoch_")]
+    if not stamps or not saves:
+        return None
+    t0, t1 = (datetime.strptime(t, "%m/%d %H:%M:%S") for t in (stamps[0][0], saves[-1]))
+    return (t1 - t0).total_seconds()
 
 
 def finetune_losses(ft: Path) -> tuple[float | None, float | None]:

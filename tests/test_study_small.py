@@ -69,7 +69,10 @@ def test_split_coco_json_keeps_each_image_once(study, tmp_path):
     assert sorted(a["id"] for a in test["annotations"]) == [12, 13, 14, 17]
 
 
-def test_tiny_study_end_to_end_and_resume(study, tmp_path, capsys):
+# Five subprocesses (proposals, pretraining, conversion, two fine-tunings): about a minute on two free
+# cores, but many times that on a machine shared by several test runs, hence the longer timeout.
+@pytest.mark.timeout(1800)
+def test_tiny_study_end_to_end_and_resume(study, tmp_path):
     out = tmp_path / "study"
     args = ["--out", str(out), "--preset", "tiny", "--methods", "scratch", "soco_fpn", "--seeds", "0"]
     res = study.main(args)
