@@ -54,6 +54,8 @@ class LoopSettings:
         stop_at_step: end the run (with a checkpoint) once this many iterations are done
             (0: run to the end); the schedule is unchanged, so ``--auto-resume`` continues.
         metrics_path: rank 0 appends one JSON line per logged iteration here (None: off).
+        preemption: a ``socokit.preemption.PreemptionWatcher`` asked after every step; when it
+            says so the epoch ends early with ``EpochResult.preempted`` (None: off).
     """
 
     device: torch.device
@@ -64,6 +66,7 @@ class LoopSettings:
     max_bad_fraction: float = 0.01
     stop_at_step: int = 0
     metrics_path: str | None = None
+    preemption: object | None = None
 
 
 @dataclass
@@ -72,6 +75,7 @@ class EpochResult:
 
     next_step: int
     stopped: bool = False
+    preempted: bool = False
     loss_avg: float = float("nan")
     num_images: int = 0
     num_replaced: int = 0
@@ -218,6 +222,9 @@ def train_one_epoch(*, model, model_without_ddp, loader, optimizer, scaler, lr_v
             if result.num_images >= 0.1 * epoch_images:
                 check_bad_fraction(result.num_replaced, result.num_images,
                                    settings.max_bad_fraction, epoch)
+        if settings.preemption is not None and settings.preemption.requested():
+            result.stopped = result.preempted = True  # train.py saves, then exits for a requeue
+            break
         if settings.stop_at_step and result.next_step >= settings.stop_at_step:
             result.stopped = True
             break

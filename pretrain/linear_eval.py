@@ -31,6 +31,7 @@ from socokit import distributed as sdist
 from socokit.backbones import (PIXEL_CONVENTION, build_c4_backbone, build_fpn_backbone,
                                build_res5_head)
 from socokit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from socokit.retention import Retention, add_retention_args
 from socokit.config import add_config_argument, config_to_dict, parse_args_with_config, save_config
 from socokit.fileio import CheckpointError, atomic_save_json, check_writable_dir
 from socokit.images import ImageError, load_rgb
@@ -72,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auto-resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue from OUTPUT_DIR/current.pth if present")
     p.add_argument("--save-freq", type=int, default=10, help="checkpoint every N epochs (and at the end)")
+    add_retention_args(p, "epochs")
+    sdist.add_launch_args(p)
     p.add_argument("--print-freq", type=int, default=100, help="log every N iterations")
     return p
 
@@ -332,14 +335,18 @@ def run(args, info, logger) -> dict:
                                  "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                                  "config": config_to_dict(args), "history": history,
                                  "schedule": schedule, "rng": rng},
-                                args.output_dir, f"linear_epoch_{epoch + 1:04d}.pth")
+                                args.output_dir, f"linear_epoch_{epoch + 1:04d}.pth",
+                                retention=Retention("linear_epoch_", args.keep_last, args.keep_every))
     sdist.barrier()
     return history[-1] if history else {}
 
 
 def main(argv=None) -> dict:
     args = parse_args_with_config(build_parser(), argv)
-    info = sdist.init_distributed(args.device)
+    try:
+        info = sdist.init_distributed(args.device, args.dist_timeout)
+    except sdist.LaunchError as e:
+        raise SystemExit(f"error: {e}") from None
     if info.is_main:
         check_writable_dir(args.output_dir)
         save_config(args, os.path.join(args.output_dir, "config.yaml"))

@@ -31,7 +31,10 @@ from socokit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoi
 from socokit.config import add_config_argument, config_to_dict, parse_args_with_config, save_config
 from socokit.fileio import CheckpointError, atomic_save_json, check_writable_dir
 from socokit.log import setup_logging
+from socokit.preemption import (REQUEUE_EXIT_CODE, Preempted, add_preemption_args,
+                                watcher_from_args)
 from socokit.proposal_store import StoreError
+from socokit.retention import Retention, add_retention_args
 from socokit.resume import (ResumableDistributedSampler, ResumeError, check_schedule, gather_rng_states,
                             restore_rank_rng)
 from socokit.training import (AMP_MODES, NonFiniteLossError, ProgressMeter, TensorboardWriter,
@@ -126,6 +129,9 @@ def _add_runtime_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--save-freq", type=int, default=1, help="checkpoint every N epochs (and at the end)")
     g.add_argument("--save-every-iters", type=int, default=0,
                    help="also checkpoint every N iterations inside an epoch (0: off)")
+    add_retention_args(g, "epochs")
+    sdist.add_launch_args(g)
+    add_preemption_args(g)
     g.add_argument("--stop-at-step", type=int, default=0,
                    help="stop with a checkpoint after this many iterations; the schedule is "
                         "unchanged, so a later --auto-resume run continues (0: run to the end)")
@@ -299,7 +305,8 @@ def make_saver(*, args, config: dict, model, optimizer, scaler, schedule: dict, 
         state = checkpoint_state(model_without_ddp=model, optimizer=optimizer, scaler=scaler,
                                  epoch=epoch, step=next_step, config=config, arch=args.arch,
                                  backbone=args.backbone, schedule=schedule, rng=rng)
-        save_checkpoint(state, args.output_dir, name)
+        save_checkpoint(state, args.output_dir, name, retention=Retention(
+            "ckpt_epoch_", args.keep_last, args.keep_every, stale=("ckpt_iter.pth",)))
         logger.info("saved %s (%s, step %d) -> current.pth", name, kind, next_step)
 
     return save
@@ -343,10 +350,11 @@ def run(args: argparse.Namespace, info: sdist.DistInfo, logger: logging.Logger) 
                             print_freq=args.print_freq, save_every_iters=args.save_every_iters,
                             max_bad_fraction=args.max_bad_fraction, stop_at_step=args.stop_at_step,
                             metrics_path=os.path.join(args.output_dir, "metrics.jsonl"))
-    train_epochs(args, loader=loader, sampler=sampler, ddp_model=ddp_model, model=model,
-                 optimizer=optimizer, scaler=scaler, lr_values=lr_values,
-                 momentum_values=momentum_values, start_step=start_step, save=save,
-                 settings=settings, logger=logger)
+    with watcher_from_args(args, info.device) as settings.preemption:
+        train_epochs(args, loader=loader, sampler=sampler, ddp_model=ddp_model, model=model,
+                     optimizer=optimizer, scaler=scaler, lr_values=lr_values,
+                     momentum_values=momentum_values, start_step=start_step, save=save,
+                     settings=settings, logger=logger)
     sdist.barrier()
 
 
@@ -373,7 +381,9 @@ def train_epochs(args, *, loader, sampler, ddp_model, model, optimizer, scaler, 
             at_save_point = ((epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs or
                              (args.save_every_iters and start_step % args.save_every_iters == 0))
             if result.stopped or at_save_point:
-                save(start_step, "stop" if result.stopped else "epoch")
+                save(start_step, "signal" if result.preempted else "stop" if result.stopped else "epoch")
+            if result.preempted:
+                raise Preempted(settings.preemption.received, start_step)
             if result.stopped:
                 logger.info("stopped at step %d (--stop-at-step)", start_step)
                 break
@@ -391,7 +401,10 @@ def _report_failure(args, info, logger, kind: str, err: Exception) -> None:
 def main(argv=None) -> None:
     args = parse_args_with_config(build_parser(), argv)
     check_inputs(args)
-    info = sdist.init_distributed(args.device)
+    try:
+        info = sdist.init_distributed(args.device, args.dist_timeout)
+    except sdist.LaunchError as e:
+        raise SystemExit(f"error: {e}") from None
     if info.is_main:
         check_writable_dir(args.output_dir)
     sdist.barrier()
@@ -406,6 +419,9 @@ def main(argv=None) -> None:
     except (TooManyBadImagesError, UnreadableImagesError) as e:
         _report_failure(args, info, logger, "too many bad images", e)
         raise SystemExit(f"error: {e}") from None
+    except Preempted as e:
+        logger.warning("%s", e)
+        raise SystemExit(REQUEUE_EXIT_CODE) from None
     finally:
         sdist.cleanup_distributed()
 

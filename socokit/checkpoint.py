@@ -12,17 +12,27 @@ import random
 import numpy as np
 import torch
 
+from socokit.env import environment
+from socokit.retention import Retention
 from socokit.fileio import atomic_torch_save, safe_torch_load
 
 CURRENT = "current.pth"
 
 
-def save_checkpoint(state: dict, output_dir: str, name: str | None = None) -> str:
+def save_checkpoint(state: dict, output_dir: str, name: str | None = None,
+                    retention: Retention | None = None) -> str:
     """Write ``state`` to ``output_dir/name`` (if given) and to ``output_dir/current.pth``.
 
     Both writes are atomic. The named file is written first, so ``current.pth`` only ever
-    moves forward to a save that is complete on disk. Returns the path of ``current.pth``.
+    moves forward to a save that is complete on disk. The environment record of
+    :func:`socokit.env.environment` is stored under ``"env"`` unless ``state`` has one.
+    Returns the path of ``current.pth``.
+
+    With ``retention`` (a :class:`socokit.retention.Retention`), old numbered checkpoints are
+    pruned after ``current.pth`` has moved; the file ``current.pth`` is is never deleted.
     """
+    if "env" not in state:
+        state = {**state, "env": environment()}
     os.makedirs(output_dir, exist_ok=True)
     current = os.path.join(output_dir, CURRENT)
     if name and name != CURRENT:
@@ -34,10 +44,12 @@ def save_checkpoint(state: dict, output_dir: str, name: str | None = None) -> st
                 os.unlink(tmp)
             os.link(named, tmp)
             os.replace(tmp, current)
-            return current
         except OSError:
-            pass
-    atomic_torch_save(state, current)
+            atomic_torch_save(state, current)
+    else:
+        atomic_torch_save(state, current)
+    if retention is not None:
+        retention.apply(output_dir)
     return current
 
 

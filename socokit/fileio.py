@@ -3,6 +3,13 @@
 Every artifact the toolkit writes goes through :func:`atomic_write`: a temporary file in the
 destination folder, flushed and fsynced, then ``os.replace``-d over the target. A crash leaves
 either the old file or the new one, never half of one.
+
+Permissions: ``tempfile.mkstemp`` / ``mkdtemp`` create ``0600`` files and ``0700`` folders
+whatever the umask, which on shared storage hides checkpoints and proposal stores from
+colleagues and from containers running as other users. Every temporary file or folder that
+becomes an artifact is therefore re-moded to what ``open()`` / ``os.makedirs`` would have
+given it: ``0666 & ~umask`` for files, ``0777 & ~umask`` for folders (:func:`file_mode`,
+:func:`make_temp_dir`).
 """
 from __future__ import annotations
 
@@ -14,6 +21,44 @@ import tempfile
 import zipfile
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the kernel reports it (Linux >= 4.7).
+
+    Falls back to setting and restoring it (not atomic with respect to other threads, but
+    the toolkit only calls it from its main thread).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """Mode a plain ``open(path, "w")`` would give a new file: ``0o666 & ~umask``."""
+    return 0o666 & ~current_umask()
+
+
+def dir_mode() -> int:
+    """Mode ``os.makedirs`` would give a new folder: ``0o777 & ~umask``."""
+    return 0o777 & ~current_umask()
+
+
+def make_temp_dir(prefix: str, dir: str) -> str:
+    """``tempfile.mkdtemp`` whose folder gets the umask's mode (not ``0700``) at once.
+
+    Use it for folders that are renamed into place as artifacts (proposal stores).
+    """
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=dir)
+    os.chmod(tmp, dir_mode())
+    return tmp
+
+
 class CheckpointError(Exception):
     """A checkpoint file is missing, truncated, not a checkpoint, or unsafe to load."""
 
@@ -21,6 +66,8 @@ class CheckpointError(Exception):
 @contextlib.contextmanager
 def atomic_write(path: str, mode: str = "wb"):
     """Open a temporary file next to ``path``; on success rename it onto ``path``.
+
+    The file ends up with mode ``0o666 & ~umask``, as if created by ``open``.
 
     Yields:
         A file object opened with ``mode`` ("wb" or "w").
@@ -30,6 +77,7 @@ def atomic_write(path: str, mode: str = "wb"):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
+        os.fchmod(fd, file_mode())  # mkstemp's 0600 would ignore the umask
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()

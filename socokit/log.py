@@ -1,6 +1,7 @@
 """Rank-aware logging: rank 0 talks to stdout, every rank writes its own file."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -9,12 +10,16 @@ _FORMAT = "[%(asctime)s %(name)s] %(message)s"
 _DATEFMT = "%m/%d %H:%M:%S"
 
 
-def setup_logging(output_dir: str | None = None, rank: int = 0, name: str = "soco") -> logging.Logger:
+def setup_logging(output_dir: str | None = None, rank: int = 0, name: str = "soco",
+                  log_environment: bool = True) -> logging.Logger:
     """Configure the ``name`` logger (and its children) for this process.
 
     Rank 0 logs INFO to stdout; other ranks only log WARNING and above to stderr. With
     ``output_dir`` every rank also writes ``log.txt`` (rank 0) or ``log.rank{r}.txt``.
     Calling it again replaces the handlers it installed before.
+
+    With ``log_environment`` the first line logged is the environment record of
+    :mod:`socokit.env` (versions, GPU model, git commit) as one JSON object.
     """
     logger = logging.getLogger(name)
     logger.setLevel(logging.INFO)
@@ -36,6 +41,10 @@ def setup_logging(output_dir: str | None = None, rank: int = 0, name: str = "soc
         fh.setFormatter(fmt)
         fh._soco = True
         logger.addHandler(fh)
+    if log_environment:
+        from socokit.env import environment
+
+        logger.info("environment: %s", json.dumps(environment(), sort_keys=True))
     return logger
 
 

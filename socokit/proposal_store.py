@@ -22,10 +22,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 
 import numpy as np
+
+from socokit.fileio import make_temp_dir
 
 FORMAT = "soco-proposals"
 VERSION = 1
@@ -185,7 +186,7 @@ class ProposalStoreWriter:
         parent = os.path.dirname(self.path)
         os.makedirs(parent, exist_ok=True)
         self.meta = dict(meta or {})
-        self._tmp = tempfile.mkdtemp(prefix="." + os.path.basename(self.path) + ".tmp-", dir=parent)
+        self._tmp = make_temp_dir(prefix="." + os.path.basename(self.path) + ".tmp-", dir=parent)
         self._boxes_raw = open(os.path.join(self._tmp, "boxes.raw"), "wb")
         self._paths_f = open(os.path.join(self._tmp, "paths.bin"), "wb")
         self._offsets = [0]
@@ -275,7 +276,7 @@ def write_store_arrays(path: str, *, boxes: np.ndarray, offsets: np.ndarray, siz
     path = os.path.abspath(os.fspath(path))
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".tmp-", dir=parent)
+    tmp = make_temp_dir(prefix="." + os.path.basename(path) + ".tmp-", dir=parent)
     try:
         boxes = np.ascontiguousarray(boxes, dtype=np.int32).reshape(-1, 4)
         offsets = np.asarray(offsets, dtype=np.int64)

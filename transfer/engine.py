@@ -20,6 +20,7 @@ from socokit.checkpoint import save_checkpoint
 from socokit.resume import gather_rng_states
 from socokit.fileio import atomic_save_json
 from socokit.log import get_logger
+from socokit.preemption import Preempted
 from socokit.training import ProgressMeter, autocast_context, check_finite
 from transfer.evaluation import run_inference
 from transfer.models.norms import set_norm_eval
@@ -125,8 +126,18 @@ def evaluate(model_without_ddp, loader, evaluator, device, amp: str, output_dir:
     return metrics
 
 
+def _save(model_without_ddp, state: TrainState, output_dir, name, retention) -> None:
+    """Every rank gives its RNG state; rank 0 writes ``name`` (None: only ``current.pth``) and
+    ``current.pth``, then prunes with ``retention``; every rank waits for it."""
+    rng = gather_rng_states()  # every rank takes part
+    if sdist.is_main_process():
+        save_checkpoint(checkpoint_state(model_without_ddp, state, rng), output_dir, name,
+                        retention=retention)
+    sdist.barrier()
+
+
 def _after_step(model, model_without_ddp, state: TrainState, device, output_dir, eval_fn,
-                eval_period, checkpoint_period, tb, precise_bn_batches):
+                eval_period, checkpoint_period, tb, precise_bn_batches, retention=None):
     """Precise BN → checkpoint → evaluation, at their periods and at the end.
 
     Every evaluation comes after a save of the weights it scores (at least ``current.pth``), so
@@ -140,11 +151,8 @@ def _after_step(model, model_without_ddp, state: TrainState, device, output_dir,
         logger.info("precise BN: statistics recomputed over %d batches", used)
     periodic = bool(checkpoint_period and state.iteration % checkpoint_period == 0)
     if periodic or done or eval_now:
-        rng = gather_rng_states()  # every rank takes part
-        if sdist.is_main_process():
-            name = "model_final.pth" if done else (f"model_{state.iteration:07d}.pth" if periodic else None)
-            save_checkpoint(checkpoint_state(model_without_ddp, state, rng), output_dir, name)
-        sdist.barrier()
+        name = "model_final.pth" if done else (f"model_{state.iteration:07d}.pth" if periodic else None)
+        _save(model_without_ddp, state, output_dir, name, retention)
     if not eval_now:
         return None
     metrics = eval_fn(state.iteration)
@@ -157,7 +165,7 @@ def _after_step(model, model_without_ddp, state: TrainState, device, output_dir,
 
 def train(model, model_without_ddp, loader, state: TrainState, device, *, output_dir: str,
           eval_fn=None, eval_period: int = 0, checkpoint_period: int = 0, print_freq: int = 20,
-          tb=None, precise_bn_batches=None) -> dict | None:
+          tb=None, precise_bn_batches=None, retention=None, preemption=None) -> dict | None:
     """Run optimizer steps ``state.iteration .. state.max_iter - 1``.
 
     Args:
@@ -170,6 +178,10 @@ def train(model, model_without_ddp, loader, state: TrainState, device, *, output
         precise_bn_batches: optional callable(iteration) → list of batches on which BN
             statistics are recomputed before each evaluation (its own data stream, so the
             training stream, and therefore resume, is unaffected).
+        retention: :class:`socokit.retention.Retention` applied after every save (None: keep
+            every ``model_<iteration>.pth``).
+        preemption: :class:`socokit.preemption.PreemptionWatcher` asked after every step; on a
+            signal the loop saves and raises :class:`socokit.preemption.Preempted`.
 
     Returns:
         The last metrics (or None without ``eval_fn``).
@@ -189,6 +201,11 @@ def train(model, model_without_ddp, loader, state: TrainState, device, *, output
             tb.scalars({f"train/{k}": v for k, v in logged.items()}, state.iteration)
             tb.scalars({"train/images_per_s": progress.images.median * world}, state.iteration)
         out = _after_step(model, model_without_ddp, state, device, output_dir, eval_fn, eval_period,
-                          checkpoint_period, tb, precise_bn_batches)
+                          checkpoint_period, tb, precise_bn_batches, retention)
         metrics = out if out is not None else metrics
+        if state.iteration < state.max_iter and preemption is not None and preemption.requested():
+            if not (checkpoint_period and state.iteration % checkpoint_period == 0):
+                _save(model_without_ddp, state, output_dir, f"model_{state.iteration:07d}.pth",
+                      retention)
+            raise Preempted(preemption.received, state.iteration)
     return metrics

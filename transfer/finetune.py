@@ -20,7 +20,9 @@ from socokit.checkpoint import latest_checkpoint, load_checkpoint
 from socokit.config import add_config_argument, config_to_dict, parse_args_with_config, save_config
 from socokit.fileio import CheckpointError, atomic_save_json, check_writable_dir
 from socokit.log import setup_logging
+from socokit.preemption import REQUEUE_EXIT_CODE, Preempted, add_preemption_args, watcher_from_args
 from socokit.resume import ResumeError, check_schedule, restore_rank_rng
+from socokit.retention import Retention, add_retention_args
 from socokit.training import AMP_MODES, TensorboardWriter, make_grad_scaler, resolve_amp, seed_everything
 from transfer.categories import (REMAP_CHOICES, CategoryMismatchError, label_to_category, match_categories,
                                   plain_categories, relabel_records)
@@ -138,6 +140,9 @@ def _add_run_args(r) -> None:
     r.add_argument("--seed", type=int, default=0, help="seed of the data stream and of the initialisation")
     r.add_argument("--eval-period", type=int, default=0, help="evaluate every N iterations (0 = only at the end)")
     r.add_argument("--checkpoint-period", type=int, default=5000, help="save every N iterations")
+    add_retention_args(r, "iterations")
+    sdist.add_launch_args(r)
+    add_preemption_args(r)
     r.add_argument("--print-freq", type=int, default=20, help="log every N iterations")
     r.add_argument("--precise-bn-iters", type=int, default=0, help="recompute BN stats on N batches before eval (recipes: 200)")
     r.add_argument("--lvis-max-dets", type=int, default=300, help="LVIS detections per image for evaluation")
@@ -417,12 +422,16 @@ def run_training(args, dist, logger, model, ckpt, train_records, eval_fn, amp: s
         return [next(it) for _ in range(args.precise_bn_iters)]
 
     tb = TensorboardWriter(args.output_dir, enabled=args.tensorboard)
+    preemption = watcher_from_args(args, device).install()
     try:
         return train(ddp, model, loader, state, device, output_dir=args.output_dir, eval_fn=eval_fn,
                      eval_period=args.eval_period, checkpoint_period=args.checkpoint_period,
+                     retention=Retention("model_", args.keep_last, args.keep_every),
+                     preemption=preemption,
                      print_freq=args.print_freq, tb=tb,
                      precise_bn_batches=precise_bn_batches if args.precise_bn_iters > 0 else None)
     finally:
+        preemption.restore()
         tb.close()
 
 
@@ -430,7 +439,10 @@ def main(argv=None) -> dict | None:
     """Entry point; returns the last evaluation metrics (the same on every rank)."""
     args = parse_args_with_config(build_parser(), argv)
     _check_args(args)
-    dist = sdist.init_distributed(args.device)
+    try:
+        dist = sdist.init_distributed(args.device, args.dist_timeout)
+    except sdist.LaunchError as e:
+        raise SystemExit(f"error: {e}") from None
     try:
         if dist.is_main:
             check_writable_dir(args.output_dir)
@@ -442,6 +454,9 @@ def main(argv=None) -> dict | None:
             return run(args, dist, logger)
         except (AnnotationError, CategoryMismatchError, EvaluationError) as e:
             raise SystemExit(f"error: {e}") from e
+    except Preempted as e:
+        logger.warning("%s", e)
+        raise SystemExit(REQUEUE_EXIT_CODE) from None
     finally:
         sdist.cleanup_distributed()
 

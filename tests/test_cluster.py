@@ -1,0 +1,272 @@
+"""Cluster-scale behaviour: retention, permissions, SLURM launch, signals, environment record."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from socokit import distributed as sdist
+from socokit.checkpoint import CURRENT, load_checkpoint, save_checkpoint
+from socokit.config import save_config
+from socokit.env import environment
+from socokit.fileio import atomic_save_json, atomic_torch_save
+from socokit.log import setup_logging
+from socokit.proposal_store import ProposalStoreWriter, write_store
+from socokit.retention import Retention, prune_checkpoints, to_delete
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+def _child_env(**extra):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+# ---------------------------------------------------------------------------- retention
+
+@pytest.mark.parametrize("numbers, keep_last, keep_every, dropped", [
+    (range(1, 11), 2, 0, [1, 2, 3, 4, 5, 6, 7, 8]),
+    (range(1, 11), 2, 4, [1, 2, 3, 5, 6, 7]),
+    (range(1, 11), 0, 4, []),                     # keep_last 0: pruning off
+    ([50, 100, 150, 399, 400], 2, 50, []),
+    ([5000, 10000, 15000, 20000], 1, 0, [5000, 10000, 15000]),
+    ([3], 5, 0, []),
+])
+def test_retention_policy_hand_cases(numbers, keep_last, keep_every, dropped):
+    assert to_delete(list(numbers), keep_last, keep_every) == dropped
+
+
+def test_retention_defaults_keep_a_400_epoch_run_small():
+    # 400 epochs saved every epoch with the pretraining defaults (keep last 2, every 50).
+    from pretrain.train import build_parser
+
+    args = build_parser().parse_args([])
+    kept = 400 - len(to_delete(range(1, 401), args.keep_last, args.keep_every))
+    assert kept == 9  # 50, 100, ..., 400 (8 files) and 399
+    assert kept * 585 / 1024 < 10  # GB at ~585 MB per SoCo_FPN checkpoint
+
+
+def test_retention_refuses_negative_counts():
+    with pytest.raises(ValueError, match="keep-last"):
+        Retention("ckpt_epoch_", keep_last=-1)
+
+
+def test_prune_never_deletes_the_file_current_names(tmp_path):
+    for e in range(1, 5):
+        (tmp_path / f"ckpt_epoch_{e:04d}.pth").write_bytes(b"x" * e)
+    os.link(tmp_path / "ckpt_epoch_0002.pth", tmp_path / CURRENT)  # a resumed run at epoch 2
+    (tmp_path / "model_final.pth").write_bytes(b"final")
+    deleted = prune_checkpoints(str(tmp_path), "ckpt_epoch_", keep_last=1, keep_every=0)
+    assert sorted(os.path.basename(p) for p in deleted) == ["ckpt_epoch_0001.pth", "ckpt_epoch_0003.pth"]
+    assert sorted(os.listdir(tmp_path)) == ["ckpt_epoch_0002.pth", "ckpt_epoch_0004.pth",
+                                            CURRENT, "model_final.pth"]
+
+
+_KILL_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    from socokit import checkpoint, retention
+    out, where = sys.argv[1], sys.argv[2]
+    policy = retention.Retention("ckpt_epoch_", keep_last=1, stale=("ckpt_iter.pth",))
+    for e in (1, 2, 3):
+        checkpoint.save_checkpoint({"epoch": e}, out, f"ckpt_epoch_{e:04d}.pth", retention=policy)
+    def die(*a, **k):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if where == "before_current":   # the numbered file is written, current.pth not moved yet
+        os.link = die
+    elif where == "before_prune":   # current.pth moved, old files not pruned yet
+        retention.Retention.apply = die
+    elif where == "inside_save":    # half-way through writing the numbered file
+        checkpoint.atomic_torch_save = die
+    checkpoint.save_checkpoint({"epoch": 4}, out, "ckpt_epoch_0004.pth", retention=policy)
+""")
+
+
+@pytest.mark.parametrize("where, current_epoch", [("before_current", 3), ("before_prune", 4),
+                                                   ("inside_save", 3)])
+def test_kill_between_save_and_prune_leaves_current_valid(tmp_path, where, current_epoch):
+    proc = subprocess.run([PY, "-c", _KILL_SCRIPT, str(tmp_path), where], env=_child_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    current = tmp_path / CURRENT
+    assert load_checkpoint(str(current))["epoch"] == current_epoch
+    # the restarted run prunes again after its next save: current.pth's file survives
+    Retention("ckpt_epoch_", keep_last=1).apply(str(tmp_path))
+    named = tmp_path / f"ckpt_epoch_{current_epoch:04d}.pth"
+    assert named.exists() and os.path.samefile(named, current)
+    assert load_checkpoint(str(current))["epoch"] == current_epoch
+    assert not any(n.endswith(".tmp") for n in os.listdir(tmp_path)) or where == "inside_save"
+
+
+# -------------------------------------------------------------------------- permissions
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o002, 0o664, 0o775)])
+def test_artifacts_honour_the_umask(tmp_path, umask, file_mode, dir_mode):
+    old = os.umask(umask)
+    try:
+        save_checkpoint({"w": torch.zeros(2)}, str(tmp_path / "run"), "ckpt_epoch_0001.pth")
+        atomic_torch_save({"w": torch.zeros(1)}, str(tmp_path / "init.pth"))
+        atomic_save_json({"a": 1}, str(tmp_path / "metrics.json"))
+        save_config({"lr": 0.1}, str(tmp_path / "config.yaml"))
+        write_store(str(tmp_path / "a.proposals"), ["x.jpg"], [(4, 4)], [np.zeros((1, 4), np.int32)])
+        with ProposalStoreWriter(str(tmp_path / "b.proposals")) as w:
+            w.add("y.jpg", (4, 4), np.zeros((2, 4), np.int32))
+    finally:
+        os.umask(old)
+    files = [tmp_path / "run" / "ckpt_epoch_0001.pth", tmp_path / "run" / CURRENT,
+             tmp_path / "init.pth", tmp_path / "metrics.json", tmp_path / "config.yaml"]
+    for store in ("a.proposals", "b.proposals"):
+        assert stat.S_IMODE((tmp_path / store).stat().st_mode) == dir_mode, store
+        files += list((tmp_path / store).iterdir())
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == file_mode, f
+
+
+# ------------------------------------------------------------------------------- SLURM
+
+@pytest.mark.parametrize("text, hosts", [
+    ("node7", ["node7"]),
+    ("gpu[001-003,007]", ["gpu001", "gpu002", "gpu003", "gpu007"]),
+    ("a[8-10],b1", ["a8", "a9", "a10", "b1"]),
+    ("login5,gpu[09-10]-ib", ["login5", "gpu09-ib", "gpu10-ib"]),
+    ("r[1-2]-n[01-02]", ["r1-n01", "r1-n02", "r2-n01", "r2-n02"]),
+])
+def test_expand_nodelist(text, hosts):
+    assert sdist.expand_nodelist(text) == hosts
+
+
+@pytest.mark.parametrize("bad", ["gpu[1-3", "gpu1-3]", "gpu[a-b]", "gpu[5-3]"])
+def test_expand_nodelist_rejects(bad):
+    with pytest.raises(sdist.LaunchError):
+        sdist.expand_nodelist(bad)
+
+
+def test_launch_env_srun_torchrun_and_batch_step():
+    srun = {"SLURM_PROCID": "5", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+            "SLURM_JOB_NODELIST": "gpu[011-012,020]", "SLURM_JOB_ID": "4242"}
+    env = sdist.launch_env(srun)
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port,
+            env.launcher) == (5, 8, 1, "gpu011", "24242", "srun")
+    # the step's own task count and node list win over the job's
+    env = sdist.launch_env({**srun, "SLURM_STEP_NUM_TASKS": "6", "SLURM_STEP_NODELIST": "gpu020"})
+    assert (env.world_size, env.master_addr) == (6, "gpu020")
+    # torchrun's variables win over srun's (srun torchrun ...)
+    env = sdist.launch_env({**srun, "RANK": "3", "WORLD_SIZE": "16", "LOCAL_RANK": "3",
+                            "MASTER_ADDR": "h", "MASTER_PORT": "1"})
+    assert (env.rank, env.world_size, env.launcher) == (3, 16, "torchrun")
+    # the batch script itself (no step id): a single process
+    batch = {k: v for k, v in srun.items() if k != "SLURM_STEP_ID"}
+    assert sdist.launch_env(batch).world_size == 1
+    with pytest.raises(sdist.LaunchError, match="outside"):
+        sdist.launch_env({**srun, "SLURM_PROCID": "8"})
+
+
+_SRUN_CHILD = textwrap.dedent("""
+    import torch, torch.distributed as dist
+    from socokit import distributed as sdist
+    info = sdist.init_distributed("cpu", timeout_minutes=2)
+    t = torch.tensor([float(info.rank + 1)])
+    dist.all_reduce(t)
+    print(info.rank, info.world_size, info.local_rank, int(t.item()), flush=True)
+    sdist.cleanup_distributed()
+""")
+
+
+def test_plain_srun_launch_forms_a_process_group(tmp_path):
+    # two tasks as `srun --ntasks 2 python ...` would start them on node "localhost"
+    procs = []
+    for rank in range(2):
+        env = _child_env(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_STEP_ID="0",
+                         SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost",
+                         SLURM_JOB_ID=str(31000 + os.getpid() % 1000))
+        procs.append(subprocess.Popen([PY, "-c", _SRUN_CHILD], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+    assert sorted(o.split() for o, _ in outs) == [["0", "2", "0", "3"], ["1", "2", "1", "3"]]
+
+
+# ------------------------------------------------------------------- environment record
+
+def test_environment_record_in_checkpoint_and_log(tmp_path):
+    record = environment(with_torch=True)
+    json.dumps(record)  # plain builtins only
+    assert record["torch"]["version"] == torch.__version__
+    assert record["packages"]["numpy"] == np.__version__
+    save_checkpoint({"w": torch.ones(1)}, str(tmp_path), "ckpt_epoch_0001.pth")
+    ckpt = load_checkpoint(str(tmp_path / CURRENT))  # weights_only=True
+    assert ckpt["env"]["torch"]["version"] == torch.__version__
+    assert ckpt["env"]["toolkit"] == record["toolkit"]
+    setup_logging(str(tmp_path), 0, name="soco.envtest")
+    first = (tmp_path / "log.txt").read_text().splitlines()[0]
+    assert json.loads(first.split("environment: ", 1)[1])["python"] == record["python"]
+
+
+def test_env_module_prints_json():
+    proc = subprocess.run([PY, "-m", "socokit.env", "--json"], env=_child_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    assert record["torch"]["version"] == torch.__version__ and "cudnn" in record["torch"]
+
+
+# --------------------------------------------------------------------------- signals
+
+TINY = ["--backbone", "timm:test_resnet", "--image-size", "64", "--fpn-channels", "16",
+        "--conv-dim", "16", "--fc-dim", "32", "--mlp-hidden-dim", "32", "--out-dim", "16",
+        "--head-mode", "batched", "--num-workers", "0", "--device", "cpu", "--amp", "none",
+        "--no-tensorboard", "--print-freq", "1", "--batch-size", "2", "--epochs", "2",
+        "--warmup-epoch", "1"]
+
+
+def _pretrain_cmd(data, out):
+    images, store = data
+    return [PY, str(REPO / "pretrain" / "train.py"), "--data", images, "--proposals", store,
+            "--output-dir", str(out), *TINY]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from test_pretrain_train import make_tiny_store
+
+    return make_tiny_store(tmp_path_factory.mktemp("cluster_data"))
+
+
+def test_signal_saves_exits_for_requeue_and_resumes_exactly(tiny_data, tmp_path):
+    from socokit.preemption import REQUEUE_EXIT_CODE
+
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    ref = subprocess.Popen(_pretrain_cmd(tiny_data, full), env=_child_env(), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(_pretrain_cmd(tiny_data, cut), env=_child_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (cut / "metrics.jsonl").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)  # as `scancel --signal=USR1` / `--signal=USR1@T` would
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == REQUEUE_EXIT_CODE, err
+    saved = load_checkpoint(str(cut / CURRENT))["step"]
+    assert 1 <= saved < 8  # 2 epochs x 4 iterations
+    assert "received SIGUSR1" in (cut / "log.txt").read_text()
+    restart = subprocess.run(_pretrain_cmd(tiny_data, cut), env=_child_env(), capture_output=True,
+                             text=True, timeout=600)
+    assert restart.returncode == 0, restart.stderr
+    assert ref.wait(timeout=600) == 0, ref.stderr.read()
+    a, b = load_checkpoint(str(full / CURRENT)), load_checkpoint(str(cut / CURRENT))
+    assert a["step"] == b["step"] == 8
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-6, msg=k)
