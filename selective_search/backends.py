@@ -39,10 +39,11 @@ _DEFAULT_PARAMS = {
     "opencv-single": {"k": 200, "sigma": 0.8},
 }
 
-_CONTRIB_HINT = (
-    "cv2.ximgproc is missing: the plain opencv-python wheel is shadowing opencv-contrib. Run "
-    "`pip uninstall -y opencv-python opencv-python-headless opencv-contrib-python-headless` "
-    "and then `pip install opencv-contrib-python-headless`.")
+CONTRIB_HINT = (
+    "cv2.ximgproc is missing: a plain opencv-python wheel (pulled in, for example, by "
+    "installing the `lvis` package) is shadowing opencv-contrib. Fix: `pip uninstall -y "
+    "opencv-python opencv-python-headless opencv-contrib-python-headless` and then "
+    "`pip install opencv-contrib-python-headless` (scripts/install.sh does this).")
 
 
 PIXEL_BUDGET = 4_000_000
@@ -111,7 +112,7 @@ def _opencv_segmentation():
         import cv2
         return cv2.ximgproc.segmentation
     except (ImportError, AttributeError) as err:
-        raise RuntimeError(_CONTRIB_HINT) from err
+        raise RuntimeError(CONTRIB_HINT) from err
 
 
 @functools.lru_cache(maxsize=1)

@@ -11,9 +11,20 @@ Examples::
         --output /shared/train.proposals --num-shards 64 --shard-id 7 --workers 32
     python selective_search/generate_proposals.py --output /shared/train.proposals --merge
 
+    # a SLURM job array: list the images once, then every task claims chunks; --steal lets
+    # a finished task take a dead task's chunks, and the last one to finish merges
+    python selective_search/generate_proposals.py --image-root /data/imagenet/train \
+        --write-file-list /shared/train_files.txt
+    python selective_search/generate_proposals.py --image-root /data/imagenet/train \
+        --file-list /shared/train_files.txt --output /shared/train.proposals \
+        --num-shards 64 --shard-id $SLURM_ARRAY_TASK_ID --workers 32 --steal
+
 The image list is cut into chunks of ``--chunk-size`` images; each finished chunk is one
 file written atomically in ``--work-dir`` (see :mod:`selective_search.sharding`), so a killed
 run resumes where it stopped and the merged store is identical however the work was split.
+Workers claim chunks with lock files, and the backend runs once on a synthetic image before any
+real work, so a broken install stops at once instead of publishing an empty store. See
+``docs/cluster.md`` for the SLURM job-array template.
 """
 
 from __future__ import annotations
@@ -51,8 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "layout or any tree); store paths are relative to it. Required unless --merge")
     io.add_argument("--coco-json", help="take the image list from this COCO annotation file "
                     "('images[*].file_name', relative to --image-root) instead of a folder scan")
-    io.add_argument("--output", required=True, help="proposal store folder to create "
-                    "(conventionally NAME.proposals)")
+    io.add_argument("--file-list", help="take the image list from this text file (one path "
+                    "relative to --image-root per line, e.g. written by --write-file-list) instead "
+                    "of walking the folder: array jobs then never re-walk a 1.28 M-image tree")
+    io.add_argument("--write-file-list", metavar="FILE", help="only list the images of "
+                    "--image-root (or --coco-json) into FILE, one per line, and exit")
+    io.add_argument("--output", help="proposal store folder to create "
+                    "(conventionally NAME.proposals); required unless --write-file-list")
     io.add_argument("--overwrite", action="store_true",
                     help="replace an existing store at --output")
     alg = p.add_argument_group("selective search")
@@ -88,6 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--chunk-size", type=int, default=256,
                      help="images per chunk file: the unit of resume (a kill loses at most the "
                           "chunks in progress)")
+    run.add_argument("--steal", action="store_true",
+                     help="after this shard's chunks, also process other shards' chunks that no "
+                          "live worker holds (a dead worker's locks go stale), and wait until "
+                          "every chunk is done; the worker that sees the last chunk merges")
+    run.add_argument("--lock-timeout", type=float, default=900.0,
+                     help="seconds without progress after which another host's chunk lock is "
+                          "stale (a dead process on this host is detected at once)")
+    run.add_argument("--max-fail-fraction", type=float, default=0.5,
+                     help="stop when more than this fraction of a chunk's images fail (counted "
+                          "over the run while fewer than 10 images were seen): a broken install "
+                          "or image root, not bad images; the failing chunk is not written")
     run.add_argument("--merge", action="store_true",
                      help="only merge the finished chunks of --work-dir into --output")
     run.add_argument("--no-merge", action="store_true",
@@ -178,8 +205,44 @@ def ordered_results(relpaths: list[str], cfg: dict, workers: int):
             yield result
 
 
+def read_file_list(path: str) -> list[str]:
+    """Relative image paths from a text file, one per line, in the file's order.
+
+    Blank lines are skipped; a duplicate path or an absolute path is refused.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            relpaths = [line.rstrip("\r\n") for line in f]
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: --file-list {path}: cannot read it ({e})") from e
+    relpaths = [p for p in relpaths if p.strip()]
+    if not relpaths:
+        raise SystemExit(f"error: --file-list {path} lists no images")
+    seen = set()
+    for n, p in enumerate(relpaths, 1):
+        if os.path.isabs(p):
+            raise SystemExit(f"error: --file-list {path}: entry {n} ({p!r}) is absolute; list "
+                             "paths relative to --image-root")
+        if p in seen:
+            raise SystemExit(f"error: --file-list {path}: {p!r} is listed twice (entry {n})")
+        seen.add(p)
+    return relpaths
+
+
+def write_file_list(relpaths: list[str], path: str) -> None:
+    """Write one relative path per line (atomically, umask permissions)."""
+    from socokit.fileio import atomic_write
+
+    with atomic_write(path, "w") as f:
+        for p in relpaths:
+            f.write(p + "\n")
+
+
 def list_images(args) -> list[str]:
-    """The sorted relative image paths of the job (folder scan or COCO json)."""
+    """The relative image paths of the job: --file-list as given, or the sorted folder scan /
+    COCO json."""
+    if args.file_list:
+        return read_file_list(args.file_list)
     if args.coco_json:
         try:
             with open(args.coco_json) as f:
@@ -243,41 +306,138 @@ def check_outputs(args) -> None:
         check_writable_dir(args.work_dir)
 
 
+def synthetic_image(height: int = 96, width: int = 128) -> np.ndarray:
+    """A uint8 RGB test image [H, W, 3]: four flat coloured blocks plus mild noise."""
+    rng = np.random.default_rng(0)
+    image = np.zeros((height, width, 3), np.uint8)
+    colours = [(200, 40, 40), (40, 180, 60), (50, 60, 210), (230, 220, 90)]
+    for n, colour in enumerate(colours):
+        y, x = divmod(n, 2)
+        image[y * height // 2:(y + 1) * height // 2, x * width // 2:(x + 1) * width // 2] = colour
+    return np.clip(image + rng.integers(0, 12, image.shape), 0, 255).astype(np.uint8)
+
+
+def self_test_backend(cfg: dict) -> int:
+    """Run the backend once on :func:`synthetic_image` before any real work.
+
+    Returns:
+        the number of boxes found.
+
+    Raises:
+        SystemExit: the backend fails (e.g. ``cv2.ximgproc`` missing, with the fix) or finds
+            no box at all on an image with four obvious regions.
+    """
+    try:
+        boxes = backends.run_backend(synthetic_image(), backend=cfg["backend"],
+                                     max_side=cfg["max_side"], **cfg["params"])
+    except Exception as e:  # any failure here would repeat on every image
+        raise SystemExit(f"error: backend {cfg['backend']!r} fails its start-up self-test on a "
+                         f"synthetic image: {e}") from None
+    if len(boxes) == 0:
+        raise SystemExit(f"error: backend {cfg['backend']!r} finds no box on a synthetic image "
+                         "with four coloured regions; check its parameters")
+    return len(boxes)
+
+
+#: Below this many images a chunk's failure fraction is judged over the whole run so far.
+MIN_IMAGES_FOR_FRACTION = 10
+
+
+def check_failures(chunk_results: list, chunk_paths: list[str], stats: dict, limit: float,
+                   k: int) -> None:
+    """Stop when more than ``limit`` of chunk ``k``'s images failed (see --max-fail-fraction).
+
+    Raises:
+        SystemExit: naming the count, the most common reason and an example path.
+    """
+    failed = [(p, r[2]) for p, r in zip(chunk_paths, chunk_results) if r[0] is None]
+    n, bad = len(chunk_results), len(failed)
+    if n < MIN_IMAGES_FOR_FRACTION:
+        n, bad = stats["images"], len(stats["unreadable"])
+        if n < MIN_IMAGES_FOR_FRACTION:
+            return
+    if bad / n <= limit or not failed:
+        return
+    reasons = collections.Counter(reason for _, reason in failed)
+    reason, count = reasons.most_common(1)[0]
+    example = next(p for p, r in failed if r == reason)
+    raise SystemExit(
+        f"error: {bad} of {n} images failed (more than --max-fail-fraction {limit}) in chunk {k}; "
+        f"most common cause ({count}x): {reason} (e.g. {example}). Nothing of this chunk was "
+        "written; fix the cause and rerun to resume")
+
+
 def run_shard(relpaths: list[str], cfg: dict, chunk_size: int, work_dir: str, shard_id: int,
-              num_shards: int, workers: int, log) -> dict:
-    """Processes this shard's unfinished chunks; returns counts for the summary."""
+              num_shards: int, workers: int, log, *, steal: bool = False,
+              lock_timeout: float = 900.0, max_fail_fraction: float = 1.0,
+              poll_s: float = 5.0) -> dict:
+    """Processes this shard's unfinished chunks (and, with ``steal``, any other free ones).
+
+    Each chunk is claimed with a lock file first (:func:`selective_search.sharding.try_claim`),
+    so concurrent or restarted workers never do the same chunk twice while its owner lives.
+    Returns counts for the summary.
+    """
     total_chunks = sharding.num_chunks(len(relpaths), chunk_size)
     mine = sharding.shard_chunks(total_chunks, shard_id, num_shards)
+    order = sharding.claim_order(total_chunks, shard_id, num_shards, steal)
     todo_set = set(sharding.missing_chunks(work_dir, total_chunks))
-    todo = [k for k in mine if k in todo_set]
-    slices = [sharding.chunk_slice(k, len(relpaths), chunk_size) for k in todo]
-    todo_paths = [p for s in slices for p in relpaths[s]]
-    log.info(f"shard {shard_id}/{num_shards}: {len(mine)} chunks, {len(mine) - len(todo)} already "
-             f"done, {len(todo_paths)} images to process with {workers} worker(s)")
-    stats = {"images": 0, "boxes": 0, "without_boxes": 0, "unreadable": []}
-    results_iter = ordered_results(todo_paths, cfg, workers)
+    todo = [k for k in order if k in todo_set]
+    todo_images = sum(len(relpaths[sharding.chunk_slice(k, len(relpaths), chunk_size)]) for k in todo)
+    log.info(f"shard {shard_id}/{num_shards}: {len(mine)} chunks, "
+             f"{len(mine) - len([k for k in mine if k in todo_set])} already done, "
+             f"{todo_images} images {'at most ' if steal else ''}to process with {workers} worker(s)"
+             + (" (then helping other shards)" if steal else ""))
+    stats = {"images": 0, "boxes": 0, "without_boxes": 0, "unreadable": [], "held_by_others": 0}
+    claimed = collections.deque()
     warned_large = cfg["backend"] != "soco"
-    with tqdm(total=len(todo_paths), unit="img", desc=f"shard {shard_id}", smoothing=0.05,
-              dynamic_ncols=True) as bar:
-        for k, s in zip(todo, slices):
-            chunk_paths = relpaths[s]
-            results = []
-            for relpath, res in zip(chunk_paths, results_iter):
-                results.append(res)
-                stats["images"] += 1
-                if res[0] is None:
-                    stats["unreadable"].append({"path": relpath, "reason": res[2]})
-                else:
-                    stats["boxes"] += len(res[1])
-                    stats["without_boxes"] += len(res[1]) == 0
-                    if not warned_large:
-                        advice = backends.pixel_budget_advice(*res[0], cfg["max_side"], workers)
-                        if advice is not None:
-                            log.warning(f"{relpath}: {advice} (reported once per run)")
-                            warned_large = True
+
+    def waiting(pending):
+        log.info(f"waiting for {len(pending)} chunk(s) held by other live workers")
+
+    def claimed_paths():
+        for k in sharding.claim_chunks(work_dir, todo, lock_timeout, poll_s=poll_s, wait=steal,
+                                       on_wait=waiting):
+            claimed.append(k)
+            yield from relpaths[sharding.chunk_slice(k, len(relpaths), chunk_size)]
+
+    results_iter = ordered_results(claimed_paths(), cfg, workers)
+    try:
+        with tqdm(total=todo_images, unit="img", desc=f"shard {shard_id}", smoothing=0.05,
+                  dynamic_ncols=True) as bar:
+            for first in results_iter:
+                k = claimed[0]
+                chunk_paths = relpaths[sharding.chunk_slice(k, len(relpaths), chunk_size)]
+                results = [first]
+                sharding.touch_lock(work_dir, k)
                 bar.update(1)
-            sharding.write_chunk(sharding.chunk_path(work_dir, k), chunk_paths, results)
-            bar.set_postfix(boxes=stats["boxes"], unreadable=len(stats["unreadable"]))
+                for _ in range(len(chunk_paths) - 1):
+                    results.append(next(results_iter))
+                    sharding.touch_lock(work_dir, k)
+                    bar.update(1)
+                check_failures(results, chunk_paths, stats, max_fail_fraction, k)
+                for relpath, res in zip(chunk_paths, results):
+                    stats["images"] += 1
+                    if res[0] is None:
+                        stats["unreadable"].append({"path": relpath, "reason": res[2]})
+                    else:
+                        stats["boxes"] += len(res[1])
+                        stats["without_boxes"] += len(res[1]) == 0
+                        if not warned_large:
+                            advice = backends.pixel_budget_advice(*res[0], cfg["max_side"], workers)
+                            if advice is not None:
+                                log.warning(f"{relpath}: {advice} (reported once per run)")
+                                warned_large = True
+                sharding.write_chunk(sharding.chunk_path(work_dir, k), chunk_paths, results)
+                sharding.release(work_dir, claimed.popleft())
+                bar.set_postfix(boxes=stats["boxes"], unreadable=len(stats["unreadable"]))
+    finally:
+        results_iter.close()
+        for k in claimed:  # claimed but not finished (error or interrupt): free them at once
+            sharding.release(work_dir, k)
+    left = [k for k in mine if not os.path.exists(sharding.chunk_path(work_dir, k))]
+    stats["held_by_others"] = len(left)
+    if left:
+        log.info(f"{len(left)} of this shard's chunks are held by other live workers")
     return stats
 
 
@@ -318,6 +478,17 @@ def merge_and_finish(args, log) -> None:
 
 def main(argv=None) -> None:
     args = parse_args_with_config(build_parser(), argv)
+    if args.write_file_list:
+        if not args.image_root:
+            raise SystemExit("error: --write-file-list needs --image-root")
+        relpaths = list_images(args)
+        write_file_list(relpaths, args.write_file_list)
+        print(f"wrote {len(relpaths)} image paths to {args.write_file_list}")
+        return
+    if not args.output:
+        raise SystemExit("error: --output is required (unless --write-file-list)")
+    if not 0.0 <= args.max_fail_fraction <= 1.0:
+        raise SystemExit("error: --max-fail-fraction must be in [0, 1]")
     args.work_dir = args.work_dir or args.output.rstrip("/") + ".work"
     if args.filter:
         from selective_search.filters import parse_strategy
@@ -349,14 +520,16 @@ def main(argv=None) -> None:
     sharding.prepare_work_dir(args.work_dir, {"job": job, "image_root": image_root, "meta": meta})
     cfg = {"image_root": image_root, "backend": args.backend, "max_side": args.max_side,
            "params": params}
+    log.info(f"backend self-test: {self_test_backend(cfg)} boxes on a synthetic image")
     start = time.time()
     stats = run_shard(relpaths, cfg, args.chunk_size, args.work_dir, shard_id, num_shards,
-                      args.workers, log)
+                      args.workers, log, steal=args.steal, lock_timeout=args.lock_timeout,
+                      max_fail_fraction=args.max_fail_fraction)
     elapsed = time.time() - start
     log_summary(log, f"shard {shard_id}/{num_shards} done in {elapsed:.1f}s "
                 f"({stats['images'] / max(elapsed, 1e-9):.2f} images/s)", stats["images"],
                 stats["boxes"], stats["without_boxes"], stats["unreadable"])
-    if args.no_merge or (shard_id != 0 and num_shards > 1):
+    if args.no_merge or (shard_id != 0 and num_shards > 1 and not args.steal):
         return
     total = sharding.num_chunks(len(relpaths), args.chunk_size)
     deadline = time.time() + args.wait_for_shards
@@ -369,7 +542,19 @@ def main(argv=None) -> None:
                  f"when they have, run: {os.path.basename(__file__)} --output {args.output} "
                  f"--work-dir {args.work_dir} --merge")
         return
+    if args.steal and not _take_merge_lock(args.work_dir):
+        log.info("another worker is merging (or has merged) the chunks")
+        return
     merge_and_finish(args, log)
+
+
+def _take_merge_lock(work_dir: str) -> bool:
+    """One of several stealing workers merges: the one that creates ``merge.lock`` first."""
+    try:
+        os.close(os.open(os.path.join(work_dir, "merge.lock"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except (FileExistsError, FileNotFoundError):  # taken, or merged and removed already
+        return False
+    return True
 
 
 if __name__ == "__main__":

@@ -12,6 +12,17 @@ Work folder layout::
                              on restart), "image_root": ..., "num_images": ..., "meta": ...}
     chunks/chunk_0000012.npz paths [n] str, sizes int32 [n, 2], counts int64 [n],
                              boxes int32 [sum(counts), 4], ok bool [n], reasons [n] str
+    locks/chunk_0000012.lock {"host", "pid", "time"} of the worker processing chunk 12
+
+Claiming: before processing chunk ``k`` a worker creates ``locks/chunk_k.lock`` with
+``O_CREAT | O_EXCL`` (atomic on local file systems and on NFSv3+/Lustre/GPFS), refreshes its
+mtime after every image, and deletes it once the chunk file is written. A lock is *stale* when
+its mtime is older than the lock timeout, or when its owner ran on this host and that process
+no longer exists; a stale lock is removed and the chunk claimed again. With ``--steal`` a
+worker that has finished its own shard goes on with other shards' unclaimed or stale chunks,
+so the chunks of a dead node are picked up without a manual rerun. Two workers that both break
+the same stale lock at once may process one chunk twice: harmless, since a chunk's content is
+a function of its images only and its file is written atomically.
 
 The merge reads the chunks in order and publishes the store atomically, so the store is
 byte-identical whether it was made in one go, sharded, or killed and restarted.
@@ -19,10 +30,13 @@ byte-identical whether it was made in one go, sharded, or killed and restarted.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import socket
 import tempfile
+import time
 import zipfile
 
 import numpy as np
@@ -32,6 +46,7 @@ from socokit.proposal_store import ProposalStore, write_store_arrays
 
 MANIFEST = "manifest.json"
 CHUNK_DIR = "chunks"
+LOCK_DIR = "locks"
 
 
 def paths_digest(relpaths: list[str]) -> str:
@@ -189,3 +204,119 @@ def merge_chunks(work_dir: str, total_chunks: int, out_path: str, meta: dict) ->
     finally:
         os.unlink(tmp_boxes)
     return store
+
+
+# ------------------------------------------------------------------------------ claiming
+
+def lock_path(work_dir: str, k: int) -> str:
+    return os.path.join(work_dir, LOCK_DIR, f"chunk_{k:07d}.lock")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def lock_is_stale(path: str, timeout_s: float) -> bool:
+    """True if the lock's owner is gone (same host, dead pid) or silent for ``timeout_s``."""
+    try:
+        age = time.time() - os.stat(path).st_mtime
+        with open(path) as f:
+            owner = json.load(f)
+    except FileNotFoundError:
+        return False  # released meanwhile: not ours to break
+    except (OSError, ValueError):
+        owner = {}  # half-written by a worker killed while creating it: judge by age
+    if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int):
+        if not _pid_alive(owner["pid"]):
+            return True
+    return age > timeout_s
+
+
+def try_claim(work_dir: str, k: int, timeout_s: float) -> bool:
+    """Create chunk ``k``'s lock exclusively (breaking a stale one); True if we hold it."""
+    path = lock_path(work_dir, k)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            if not lock_is_stale(path, timeout_s):
+                return False
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            continue
+        except OSError as e:  # a read-only or full work folder is a user error, not a race
+            if e.errno in (errno.EROFS, errno.ENOSPC, errno.EACCES):
+                raise SystemExit(f"error: cannot create lock {path}: {e.strerror}") from e
+            raise
+        with os.fdopen(fd, "w") as f:
+            json.dump({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}, f)
+        return True
+    return False
+
+
+def touch_lock(work_dir: str, k: int) -> None:
+    """Heartbeat: refresh the mtime of a lock we hold."""
+    try:
+        os.utime(lock_path(work_dir, k))
+    except FileNotFoundError:
+        pass
+
+
+def release(work_dir: str, k: int) -> None:
+    try:
+        os.unlink(lock_path(work_dir, k))
+    except FileNotFoundError:
+        pass
+
+
+def claim_order(total_chunks: int, shard_id: int, num_shards: int, steal: bool) -> list[int]:
+    """This shard's chunks first; with ``steal`` then every other chunk, starting after ours
+    (so idle workers spread over the remaining shards instead of all piling onto shard 0)."""
+    mine = shard_chunks(total_chunks, shard_id, num_shards)
+    if not steal:
+        return mine
+    others = [k for s in range(1, num_shards) for k in
+              shard_chunks(total_chunks, (shard_id + s) % num_shards, num_shards)]
+    return mine + others
+
+
+def claim_chunks(work_dir: str, order: list[int], timeout_s: float, poll_s: float = 5.0,
+                 wait: bool = False, on_wait=None):
+    """Yield the chunks of ``order`` this process claims, skipping finished ones.
+
+    Chunks locked by a live worker are skipped and revisited; with ``wait`` the generator
+    polls every ``poll_s`` seconds until each of them is finished or its lock goes stale
+    (then claims it), otherwise it stops once only such chunks are left. The caller must
+    write the chunk file and :func:`release` the lock after each yielded chunk.
+    """
+    pending = list(order)
+    while pending:
+        present = set(os.listdir(os.path.join(work_dir, CHUNK_DIR))) \
+            if os.path.isdir(os.path.join(work_dir, CHUNK_DIR)) else set()
+        held = []
+        for k in pending:
+            if f"chunk_{k:07d}.npz" in present:
+                continue
+            if try_claim(work_dir, k, timeout_s):
+                if os.path.exists(chunk_path(work_dir, k)):  # finished while we looked
+                    release(work_dir, k)
+                    continue
+                yield k
+            else:
+                held.append(k)
+        pending = held
+        if pending:
+            if not wait:
+                return
+            if on_wait is not None:
+                on_wait(pending)
+            time.sleep(poll_s)

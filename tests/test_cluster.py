@@ -270,3 +270,137 @@ def test_signal_saves_exits_for_requeue_and_resumes_exactly(tiny_data, tmp_path)
     assert a["step"] == b["step"] == 8
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+# ---------------------------------------------------------------- proposals at scale
+
+SS_BACKEND = "opencv-fast"
+STORE_ARRAYS = ("boxes.npy", "offsets.npy", "sizes.npy", "paths.bin", "path_offsets.npy")
+
+
+def _gen(*args):
+    from selective_search import generate_proposals
+
+    generate_proposals.main(["--backend", SS_BACKEND, *map(str, args)])
+
+
+def _assert_same_store(a, b):
+    """Byte-for-byte equal arrays, and equal metadata up to the creation time."""
+    for name in STORE_ARRAYS:
+        assert (Path(a) / name).read_bytes() == (Path(b) / name).read_bytes(), name
+    ma, mb = (json.loads((Path(p) / "meta.json").read_text()) for p in (a, b))
+    ma.pop("created"), mb.pop("created")
+    assert ma == mb
+
+
+@pytest.fixture(scope="module")
+def ss_images(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("ss_cluster") / "train"
+    rng = np.random.default_rng(1)
+    for c in range(3):
+        (root / f"n{c:08d}").mkdir(parents=True)
+        for i in range(4):
+            img = np.zeros((60, 80, 3), np.uint8)
+            for _ in range(4):  # a few flat rectangles: real regions to find
+                x, y = rng.integers(0, 60), rng.integers(0, 40)
+                img[y:y + 20, x:x + 20] = rng.integers(0, 255, 3)
+            Image.fromarray(img).save(root / f"n{c:08d}" / f"img_{i}.jpg", quality=95)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ss_single(ss_images, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ss_cluster_single") / "all.proposals"
+    _gen("--image-root", ss_images, "--output", out, "--chunk-size", 5)
+    return out
+
+
+def test_file_list_written_once_gives_the_same_store(ss_images, ss_single, tmp_path):
+    from socokit.images import find_images
+
+    listing = tmp_path / "files.txt"
+    _gen("--image-root", ss_images, "--write-file-list", listing)
+    assert listing.read_text().splitlines() == find_images(str(ss_images))
+    out = tmp_path / "listed.proposals"
+    _gen("--image-root", ss_images, "--file-list", listing, "--output", out, "--chunk-size", 5)
+    _assert_same_store(ss_single, out)
+
+
+@pytest.mark.parametrize("content, message", [("a.jpg\nb.jpg\na.jpg\n", "listed twice"),
+                                              ("/abs/a.jpg\n", "absolute"), ("\n\n", "no images")])
+def test_file_list_refuses_bad_lists(ss_images, tmp_path, content, message):
+    (tmp_path / "l.txt").write_text(content)
+    with pytest.raises(SystemExit, match=message):
+        _gen("--image-root", ss_images, "--file-list", tmp_path / "l.txt", "--output",
+             tmp_path / "x.proposals")
+
+
+_SLOW_GEN = ("import sys, time\n"
+             "from selective_search import generate_proposals as g\n"
+             "fast = g.propose_one\n"
+             "g.propose_one = lambda p: (time.sleep(0.3), fast(p))[1]\n"
+             "g.main(sys.argv[1:])\n")
+
+
+def test_a_killed_workers_chunks_are_taken_over(ss_images, ss_single, tmp_path):
+    out, work = tmp_path / "claimed.proposals", tmp_path / "claimed.work"
+    common = ["--backend", SS_BACKEND, "--image-root", str(ss_images), "--output", str(out),
+              "--work-dir", str(work), "--chunk-size", "2", "--num-shards", "2", "--steal"]
+    procs = [subprocess.Popen([PY, "-c", _SLOW_GEN, *common, "--shard-id", str(s)], cwd=REPO,
+                              env=_child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for s in (0, 1)]
+    survivor, victim = procs
+    locks = work / "locks"
+    deadline = time.time() + 300
+    held = None
+    while held is None and time.time() < deadline and victim.poll() is None:
+        for f in (os.listdir(locks) if locks.is_dir() else []):
+            try:
+                if json.loads((locks / f).read_text())["pid"] == victim.pid:
+                    held = f
+            except (OSError, ValueError, KeyError):
+                pass
+        time.sleep(0.02)
+    assert held is not None, "the second worker never claimed a chunk"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert (locks / held).exists()  # its lock is left behind, as after a node failure
+    _, err = survivor.communicate(timeout=600)
+    assert survivor.returncode == 0, err
+    assert out.is_dir() and not work.exists()  # the survivor merged and cleaned up
+    _assert_same_store(ss_single, out)
+
+
+def test_hidden_ximgproc_fails_at_start_with_the_fix(ss_images, tmp_path, monkeypatch):
+    import cv2
+
+    monkeypatch.delattr(cv2, "ximgproc")  # as when a plain opencv-python shadows contrib
+    out = tmp_path / "none.proposals"
+    with pytest.raises(SystemExit, match=r"self-test.*cv2\.ximgproc is missing.*lvis.*"
+                                         r"pip install opencv-contrib-python-headless"):
+        _gen("--image-root", ss_images, "--output", out)
+    assert not out.exists()
+    assert not list((tmp_path / "none.proposals.work" / "chunks").glob("*.npz"))
+
+
+def test_a_chunk_of_mostly_failing_images_stops_the_run(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(12):
+        if i < 4:
+            Image.fromarray(np.full((40, 40, 3), 30 * i, np.uint8)).save(root / f"{i:02d}.jpg")
+        else:
+            (root / f"{i:02d}.jpg").write_bytes(b"not an image")
+    out = tmp_path / "bad.proposals"
+    with pytest.raises(SystemExit, match=r"8 of 12 images failed .*chunk 0.*most common cause \(8x\)"):
+        _gen("--image-root", root, "--output", out, "--chunk-size", 12)
+    assert not list((tmp_path / "bad.proposals.work" / "chunks").glob("*.npz"))
+    assert not list((tmp_path / "bad.proposals.work" / "locks").glob("*.lock"))
+    _gen("--image-root", root, "--output", out, "--chunk-size", 12, "--max-fail-fraction", "1")
+    from socokit.proposal_store import ProposalStore
+
+    assert len(ProposalStore.open(str(out))) == 4
