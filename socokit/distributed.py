@@ -248,6 +248,21 @@ def all_gather_object(obj) -> list:
     return out
 
 
+def gather_object(obj, dst: int = 0) -> list | None:
+    """Gather a picklable object from every rank onto rank ``dst`` only.
+
+    Returns:
+        On ``dst``: the objects in rank order. Elsewhere: None (nothing is received, so
+        ranks other than ``dst`` do not hold every rank's data in memory, unlike
+        :func:`all_gather_object`).
+    """
+    if not is_dist():
+        return [obj]
+    out = [None] * get_world_size() if get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
+
+
 def broadcast_object(obj, src: int = 0):
     """Send ``obj`` from rank ``src`` to every rank and return it."""
     if not is_dist():

@@ -164,9 +164,10 @@ def check_schedule(saved: Mapping | None, current: Mapping, path: str, hint: str
                 f"{key}={value}; {hint or 'resume with the same options, or start a new --output-dir'}")
 
 
-def gather_rng_states() -> list[dict]:
-    """Every rank's RNG states, index = rank (a collective: all ranks must call it)."""
-    return sdist.all_gather_object(capture_rng_state())
+def gather_rng_states() -> list[dict] | None:
+    """Every rank's RNG states, index = rank, on rank 0 (None elsewhere: only rank 0 writes
+    checkpoints). A collective: all ranks must call it."""
+    return sdist.gather_object(capture_rng_state())
 
 
 def restore_rank_rng(states, *, rank: int, world_size: int, seed: int, step: int, logger=None) -> bool:

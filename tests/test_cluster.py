@@ -179,13 +179,15 @@ _SRUN_CHILD = textwrap.dedent("""
     info = sdist.init_distributed("cpu", timeout_minutes=2)
     t = torch.tensor([float(info.rank + 1)])
     dist.all_reduce(t)
+    got = sdist.gather_object({"rank": info.rank})
+    assert got == ([{"rank": 0}, {"rank": 1}] if info.rank == 0 else None), got
     print(info.rank, info.world_size, info.local_rank, int(t.item()), flush=True)
     sdist.cleanup_distributed()
 """)
 
 
 def test_plain_srun_launch_forms_a_process_group(tmp_path):
-    # two tasks as `srun --ntasks 2 python ...` would start them on node "localhost"
+    # (and gather_object delivers to rank 0 only) two tasks as `srun --ntasks 2 python ...` would start them on node "localhost"
     procs = []
     for rank in range(2):
         env = _child_env(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_STEP_ID="0",
@@ -404,3 +406,97 @@ def test_a_chunk_of_mostly_failing_images_stops_the_run(tmp_path):
     from socokit.proposal_store import ProposalStore
 
     assert len(ProposalStore.open(str(out))) == 4
+
+
+# ------------------------------------------------------------------ sbatch templates
+
+_STUBS = {
+    # srun: drop its own options, run the command (one task is enough to check the command)
+    "srun": 'while [[ "$1" == --* ]]; do shift; done; exec "$@"\n',
+    # torchrun: check the c10d rendezvous flags, then run the script with the stub python
+    "torchrun": 'echo "$@" > "$STUB_LOG/torchrun.txt"\n'
+                'while [[ "$1" != *.py ]]; do shift; done; exec python "$@"\n',
+    # python: record the command; with STUB_WAIT, run until a signal arrives, then exit 75 as
+    # the training entry points do after saving
+    "python": 'printf "%s\\n" "$@" > "$STUB_LOG/python.txt"\n'
+              'if [ -n "${STUB_WAIT:-}" ]; then\n'
+              '  trap \'echo TERM > "$STUB_LOG/signal.txt"; kill %1; exit 75\' TERM\n'
+              '  trap \'echo USR1 > "$STUB_LOG/signal.txt"; kill %1; exit 75\' USR1\n'
+              '  sleep 60 >/dev/null 2>&1 & wait\nfi\nexit "${STUB_RC:-0}"\n',
+    "scontrol": 'echo "$@" >> "$STUB_LOG/scontrol.txt"\n',
+}
+
+
+def _template_env(tmp_path, **extra):
+    bin_dir, log = tmp_path / "bin", tmp_path / "log"
+    bin_dir.mkdir()
+    log.mkdir()
+    for name, body in _STUBS.items():
+        (bin_dir / name).write_text("#!/bin/bash\n" + body)
+        (bin_dir / name).chmod(0o755)
+    env = _child_env(PATH=f"{bin_dir}:{os.environ['PATH']}", STUB_LOG=str(log),
+                     SOCO_ROOT=str(REPO), SLURM_JOB_ID="777", SLURM_NNODES="2",
+                     SLURM_ARRAY_TASK_ID="5", SLURM_ARRAY_TASK_MIN="0",
+                     SLURM_ARRAY_TASK_COUNT="64", SLURM_CPUS_PER_TASK="32", DATA="/d/train",
+                     PROPOSALS="/d/train.proposals", INIT="/d/init.pth", COCO="/d/coco",
+                     IMAGES="/d/train", LIST="/d/files.txt", OUT=str(tmp_path / "out"), **extra)
+    return env, log
+
+
+def _parse_entry(script: str, argv: list[str]):
+    from socokit.config import parse_args_with_config
+
+    if script.endswith("pretrain/train.py"):
+        from pretrain.train import build_parser
+    elif script.endswith("transfer/finetune.py"):
+        from transfer.finetune import build_parser
+    else:
+        assert script.endswith("selective_search/generate_proposals.py"), script
+        from selective_search.generate_proposals import build_parser
+    return parse_args_with_config(build_parser(), argv)
+
+
+@pytest.mark.parametrize("template", ["pretrain_torchrun", "pretrain_srun", "finetune_torchrun",
+                                      "proposals_array"])
+@pytest.mark.parametrize("rc", [0, 75])
+def test_sbatch_templates_run_valid_commands_and_requeue(tmp_path, monkeypatch, template, rc):
+    env, log = _template_env(tmp_path, STUB_RC=str(rc))
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "slurm" / f"{template}.sbatch")],
+                          env=env, capture_output=True, text=True, timeout=60)
+    argv = (log / "python.txt").read_text().splitlines()
+    monkeypatch.chdir(REPO)  # recipes are named relative to the repository, as in the templates
+    args = _parse_entry(argv[0], argv[1:])
+    requeued = (log / "scontrol.txt").read_text().split() if (log / "scontrol.txt").exists() else []
+    if template == "proposals_array":
+        assert proc.returncode == rc, proc.stderr
+        assert (args.shard_id, args.num_shards, args.steal, args.file_list) == (5, 64, True, "/d/files.txt")
+        return
+    assert (args.dist_timeout, args.save_on_signal) == (60, True)
+    if template.endswith("torchrun"):
+        rendezvous = (log / "torchrun.txt").read_text().split()
+        assert rendezvous[rendezvous.index("--rdzv-backend") + 1] == "c10d"
+        assert rendezvous[rendezvous.index("--rdzv-id") + 1] == "777"
+        assert rendezvous[rendezvous.index("--nnodes") + 1] == "2"
+    if rc == 75:  # the run saved after a signal: the job is requeued and the script succeeds
+        assert proc.returncode == 0 and requeued == ["requeue", "777"], proc.stdout + proc.stderr
+    else:
+        assert proc.returncode == 0 and requeued == [], proc.stderr
+
+
+@pytest.mark.parametrize("template, forwarded", [("pretrain_torchrun", "TERM"), ("pretrain_srun", "USR1"),
+                                                 ("finetune_torchrun", "TERM")])
+def test_sbatch_template_forwards_the_warning_signal_and_requeues(tmp_path, template, forwarded):
+    # `#SBATCH --signal=B:USR1@300`: SLURM signals the batch shell, which must pass it on to
+    # the step (srun forwards it to the tasks) and requeue once the run has saved and exited
+    env, log = _template_env(tmp_path, STUB_WAIT="1")
+    proc = subprocess.Popen(["bash", str(REPO / "scripts" / "slurm" / f"{template}.sbatch")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (log / "python.txt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # let the stub install its traps
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=60)
+    assert (log / "signal.txt").read_text().strip() == forwarded, out + err
+    assert (log / "scontrol.txt").read_text().split() == ["requeue", "777"]
+    assert proc.returncode == 0, out + err

@@ -190,7 +190,8 @@ class DetectionEvaluator:
         Returns:
             ``{"bbox": {...}, "segm": {...}, "num_images": n, "num_unreadable": u}``.
         """
-        gathered = sdist.all_gather_object((self.results, self.image_ids, self.num_unreadable))
+        # only rank 0 scores: gather there, not to every rank (all_gather_object)
+        gathered = sdist.gather_object((self.results, self.image_ids, self.num_unreadable))
         metrics, error = None, None
         if sdist.is_main_process():
             try:
