@@ -500,3 +500,105 @@ def test_sbatch_template_forwards_the_warning_signal_and_requeues(tmp_path, temp
     assert (log / "signal.txt").read_text().strip() == forwarded, out + err
     assert (log / "scontrol.txt").read_text().split() == ["requeue", "777"]
     assert proc.returncode == 0, out + err
+
+
+class _Quadratic(torch.nn.Module):
+    """A detector stand-in: ``model(images, targets)`` returns a loss dict."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(3))
+
+    def forward(self, images, targets):
+        x = torch.stack([img.mean(dim=(1, 2)) for img in images])  # [N, 3]
+        return {"loss_quad": ((x * self.w).sum(1) - 1.0).pow(2).mean()}
+
+
+def _finetune_run(out, signal_at=None, start=None):
+    from socokit.preemption import PreemptionWatcher
+    from transfer.engine import TrainState, train
+
+    torch.manual_seed(0)
+    model = _Quadratic()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    state = TrainState(opt, torch.amp.GradScaler("cpu", enabled=False), max_iter=6, lr=0.1,
+                       steps=(4,), warmup_iters=0)
+    if start is not None:
+        model.load_state_dict(start["model"])
+        opt.load_state_dict(start["optimizer"])
+        state.iteration = start["iteration"]
+
+    def batches():
+        g = torch.Generator().manual_seed(1)
+        for i in range(100):
+            if i == signal_at:
+                os.kill(os.getpid(), signal.SIGUSR1)  # arrives while this batch trains
+            yield [torch.rand(3, 4, 4, generator=g)], [{"labels": torch.tensor([1])}]
+
+    data = batches()
+    for _ in range(state.iteration):  # the stream position of a resumed run
+        next(data)
+    with PreemptionWatcher(("SIGUSR1",)) as watcher:
+        train(model, model, data, state, torch.device("cpu"), output_dir=str(out),
+              checkpoint_period=0, print_freq=100, retention=Retention("model_", 1, 0),
+              preemption=watcher)
+    return model
+
+
+def test_finetune_loop_saves_on_signal_and_resumes_exactly(tmp_path):
+    from socokit.preemption import Preempted
+
+    reference = _finetune_run(tmp_path / "full")
+    with pytest.raises(Preempted, match="SIGUSR1.*iteration 3"):
+        _finetune_run(tmp_path / "cut", signal_at=2)
+    ckpt = load_checkpoint(str(tmp_path / "cut" / CURRENT))
+    assert ckpt["iteration"] == 3 and (tmp_path / "cut" / "model_0000003.pth").exists()
+    resumed = _finetune_run(tmp_path / "cut", start=ckpt)
+    assert torch.equal(resumed.w, reference.w)
+    assert sorted(os.listdir(tmp_path / "cut")) == [CURRENT, "model_0000003.pth", "model_final.pth"]
+
+
+def test_cluster_doc_shows_the_templates_verbatim():
+    doc = (REPO / "docs" / "cluster.md").read_text()
+    templates = sorted((REPO / "scripts" / "slurm").glob("*.sbatch"))
+    assert len(templates) == 4
+    for t in templates:
+        assert t.read_text().rstrip("\n") in doc, f"docs/cluster.md is out of date for {t.name}"
+
+
+# ------------------------------------------------------------------------ evaluation
+
+def _federated_set():
+    """Category 1 is annotated in image 1, declared absent (negative) in image 2 and not
+    mentioned in image 3; category 2 is annotated in image 3."""
+    box = {"bbox": [10.0, 10.0, 40.0, 40.0], "area": 1600.0, "iscrowd": 0,
+           "segmentation": [[10, 10, 50, 10, 50, 50, 10, 50]]}
+    images = [{"id": i, "height": 100, "width": 100, "coco_url": f"http://x/val2017/{i:012d}.jpg",
+               "neg_category_ids": [1] if i == 2 else [], "not_exhaustive_category_ids": []}
+              for i in (1, 2, 3)]
+    anns = [dict(box, id=1, image_id=1, category_id=1), dict(box, id=2, image_id=3, category_id=2)]
+    cats = [{"id": 1, "name": "a", "frequency": "f"}, {"id": 2, "name": "b", "frequency": "c"}]
+    dets = [{"image_id": 1, "category_id": 1, "bbox": [10.0, 10.0, 40.0, 40.0], "score": 0.5},
+            {"image_id": 2, "category_id": 1, "bbox": [10.0, 10.0, 40.0, 40.0], "score": 0.9},
+            {"image_id": 3, "category_id": 1, "bbox": [60.0, 60.0, 30.0, 30.0], "score": 0.95},
+            {"image_id": 3, "category_id": 2, "bbox": [10.0, 10.0, 40.0, 40.0], "score": 0.7}]
+    return {"images": images, "annotations": anns, "categories": cats}, dets
+
+
+def test_lvis_and_coco_scoring_of_a_hand_computed_federated_set():
+    from transfer.data.annotations import build_api, validate_dataset
+    from transfer.evaluation import coco_metrics, lvis_metrics
+
+    data, dets = _federated_set()
+    data, _ = validate_dataset(data, "federated.json", kind="lvis")
+    api = build_api(data, "lvis")
+    # LVIS: the image-3 detection of category 1 is not scored (1 is neither present nor
+    # negative there); category 1 ranks FP (0.9) then TP (0.5): precision 1/2 at recall 1;
+    # category 2: one TP. Mean over categories: (0.5 + 1) / 2.
+    lvis = lvis_metrics(api, dets, "bbox", [1, 2, 3])
+    assert lvis["AP"] == pytest.approx(75.0, abs=1e-4)
+    assert lvis["APf"] == pytest.approx(50.0, abs=1e-4) and lvis["APc"] == pytest.approx(100.0, abs=1e-4)
+    assert lvis["APr"] is None and lvis["APs"] is None and lvis["APl"] is None
+    # COCO rules score every detection: category 1 ranks FP, FP, TP: precision 1/3 at recall 1
+    coco = coco_metrics(build_api(data, "coco"), dets, "bbox", [1, 2, 3])
+    assert coco["AP"] == pytest.approx(100 * (1 / 3 + 1) / 2, abs=1e-4)
