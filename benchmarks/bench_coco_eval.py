@@ -11,8 +11,9 @@ that a shared machine does not distort it) measured in the same run.
     python benchmarks/bench_coco_eval.py --kind lvis --images 1000
     python benchmarks/bench_coco_eval.py --iou-type segm --images 500
 
-faster-coco-eval is not a dependency of the toolkit (see docs/cluster.md for the decision);
-install it to run this: ``pip install faster-coco-eval``.
+The toolkit scores with faster-coco-eval (docs/cluster.md#evaluation). The LVIS reference
+needs the ``lvis`` package, no longer a dependency: ``pip install lvis`` (it pulls in plain
+``opencv-python``, which hides ``cv2.ximgproc``: use a separate environment).
 """
 from __future__ import annotations
 

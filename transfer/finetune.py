@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_data_args(d) -> None:
     d.add_argument("--dataset-kind", default="coco", choices=("coco", "lvis"),
-                   help="annotation format: COCO (pycocotools) or LVIS v1 (lvis package, federated AP)")
+                   help="annotation format: COCO, or LVIS v1 (federated AP with APr/APc/APf)")
     d.add_argument("--train-images", help="folder the training annotation's file names are relative to")
     d.add_argument("--train-ann", help="training annotation json (COCO format or LVIS v1)")
     d.add_argument("--val-images", help="folder of the evaluation images")

@@ -1,6 +1,6 @@
 """Validate and normalise COCO-format (and LVIS v1) annotation files when they are loaded.
 
-Everything that training and evaluation (pycocotools / ``lvis``) read later is checked or
+Everything that training and evaluation (pycocotools index, faster-coco-eval) read later is checked or
 derived here, before the first iteration, so a malformed file never fails for the first time
 inside the evaluator of a finished run. Each problem is handled one of three ways:
 
@@ -406,15 +406,8 @@ def read_json(path: str):
 
 
 def build_api(data: dict, kind: str = "coco"):
-    """A pycocotools ``COCO`` or ``lvis.LVIS`` object over an already validated dict."""
-    if kind == "lvis":
-        from lvis import LVIS
-
-        class _LVISFromDict(LVIS):
-            def _load_json(self, _path):
-                return data
-
-        return _LVISFromDict(None)
+    """A pycocotools ``COCO`` index over an already validated dict (COCO or LVIS v1: the LVIS
+    fields stay in ``api.dataset`` for the federated evaluation)."""
     from pycocotools.coco import COCO
 
     api = COCO()
@@ -429,12 +422,12 @@ def gt_area_presence(api, image_ids, kind: str = "coco") -> dict:
 
     Returns:
         ``{"all", "small", "medium", "large"}`` (+ ``"r", "c", "f"`` for LVIS) → bool, with the
-        area ranges of pycocotools / lvis (``[0, 32²]``, ``[32², 96²]``, ``[96², 1e10]``, bounds
+        area ranges of COCO / LVIS evaluation (``[0, 32²]``, ``[32², 96²]``, ``[96², 1e10]``, bounds
         inclusive as they test them).
     """
     ranges = {"all": (0, 1e10), "small": (0, 32 ** 2), "medium": (32 ** 2, 96 ** 2), "large": (96 ** 2, 1e10)}
     present = dict.fromkeys(list(ranges) + (["r", "c", "f"] if kind == "lvis" else []), False)
-    by_image = api.img_ann_map if kind == "lvis" else api.imgToAnns
+    by_image = api.imgToAnns
     for iid in set(image_ids):
         for ann in by_image.get(iid, []):
             if ann.get("iscrowd", 0) or ann.get("ignore", 0):

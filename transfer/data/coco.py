@@ -4,7 +4,8 @@ Any COCO-format annotation file works: ``images`` (id, file_name, height, width)
 ``annotations`` (image_id, category_id, bbox ``[x, y, w, h]``, optional segmentation as
 polygons or RLE, iscrowd) and ``categories``. Category ids are mapped to contiguous labels
 ``1..K`` (0 is the background of the R-CNN heads); ``label_to_category`` maps back for
-evaluation. LVIS v1 files are read with the ``lvis`` package; their images are named by the
+evaluation. LVIS v1 files are indexed like COCO files (their federated fields are kept for the
+evaluation); their images are named by the
 last two parts of ``coco_url`` (``train2017/000000391895.jpg``) under the image root.
 Every file is validated and normalised first (:mod:`transfer.data.annotations`).
 """
@@ -58,7 +59,7 @@ class AnnotationSet:
     Attributes:
         records: ImageRecord list in image-id order.
         categories: category dicts sorted by id (label ``i + 1`` is ``categories[i]``).
-        api: pycocotools ``COCO`` or ``lvis.LVIS`` over the normalised annotations.
+        api: pycocotools ``COCO`` index over the normalised annotations (COCO or LVIS v1).
         report: what validation repaired and dropped.
     """
 
@@ -79,7 +80,7 @@ def load_annotation_index(ann_file: str, kind: str = "coco", image_root: str | N
 
     Args:
         ann_file: COCO-format or LVIS v1 json.
-        kind: "coco" (pycocotools) or "lvis" (the ``lvis`` package).
+        kind: "coco" or "lvis" (LVIS v1: file names from ``coco_url``, federated evaluation).
         image_root: image folder, used only to read image sizes missing from the file.
 
     Returns:
@@ -92,7 +93,7 @@ def load_annotation_index(ann_file: str, kind: str = "coco", image_root: str | N
     data, report = validate_dataset(read_json(ann_file), ann_file, kind, image_root)
     api = build_api(data, kind)
     imgs, cats = api.imgs, api.cats
-    anns_by_img = api.img_ann_map if kind == "lvis" else api.imgToAnns
+    anns_by_img = api.imgToAnns
     categories = [cats[c] for c in sorted(cats)]
     cat_to_label = {c["id"]: i + 1 for i, c in enumerate(categories)}
     records = []
