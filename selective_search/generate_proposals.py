@@ -328,8 +328,10 @@ def self_test_backend(cfg: dict) -> int:
             no box at all on an image with four obvious regions.
     """
     try:
-        boxes = backends.run_backend(synthetic_image(), backend=cfg["backend"],
-                                     max_side=cfg["max_side"], **cfg["params"])
+        with warnings.catch_warnings():  # advice about real images (size) does not apply here
+            warnings.simplefilter("ignore")
+            boxes = backends.run_backend(synthetic_image(), backend=cfg["backend"],
+                                         max_side=cfg["max_side"], **cfg["params"])
     except Exception as e:  # any failure here would repeat on every image
         raise SystemExit(f"error: backend {cfg['backend']!r} fails its start-up self-test on a "
                          f"synthetic image: {e}") from None

@@ -12,6 +12,7 @@ the evaluator reports as undefined (no ground truth in that area range) is ``Non
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
