@@ -300,12 +300,12 @@ class SOLOv2(nn.Module):
         onehot[pos, labels[pos] - 1] = 1.0
         dice = torch.cat(dice_terms) if dice_terms else cate.new_zeros(0, dtype=torch.float32)
         # normalisers over the global batch (see the module docstring), per process
-        counts = sdist.all_reduce_sum(torch.tensor([float(len(dice)), float(pos.sum())], device=cate.device))
-        world = sdist.get_world_size()
-        num_masks, num_cells = counts[0].item() / world, (counts[1].item() + 1) / world
+        local = torch.stack([torch.tensor(float(len(dice)), device=cate.device), pos.sum().float()])
+        counts = sdist.all_reduce_sum(local) / sdist.get_world_size()      # no host sync
+        num_masks, num_cells = counts[0], counts[1] + 1.0 / sdist.get_world_size()
         # zero-weighted terms keep every parameter in the graph (DDP) when nothing is positive
         keep_graph = 0.0 * (kern.sum() + mask_feats.sum())
-        loss_ins = dice.sum() / num_masks if num_masks > 0 else dice.sum()
+        loss_ins = dice.sum() / num_masks.clamp(min=1e-6)                  # 0 / eps = 0 without masks
         loss_cate = sigmoid_focal_loss(cate.float(), onehot, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma,
                                        reduction="sum") / num_cells
         return {"loss_ins": cfg.dice_weight * loss_ins + keep_graph, "loss_cate": cfg.focal_weight * loss_cate}
