@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from pretrain.data.device_colour import apply_colour
 from socokit import distributed as sdist
 from socokit.backbones import PIXEL_CONVENTION
 from socokit.training import autocast_context, check_finite
@@ -95,13 +96,19 @@ def move_batch(batch: dict, device: torch.device, channels_last: bool = False):
 
     Args:
         batch: ``{"views": [Tensor[N, 3, S_v, S_v]], "boxes": [Tensor[N, L, 5]],
-            "corres": [Tensor[N, PL, PL]], "num_replaced": Tensor[N], ...}``.
+            "corres": [Tensor[N, PL, PL]], "num_replaced": Tensor[N], ...}``; with
+            ``"colour_params"`` ([Tensor[N, PARAMS]]) the views are uint8 and get their colour
+            augmentation and normalisation here, on ``device``.
 
     Returns:
         (views, boxes, corres, num_replaced) with ``num_replaced`` a float scalar tensor.
     """
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    views = [v.to(device, non_blocking=True).contiguous(memory_format=fmt) for v in batch["views"]]
+    views = [v.to(device, non_blocking=True) for v in batch["views"]]
+    if "colour_params" in batch:  # uint8 views: colour + normalisation on the device
+        views = [apply_colour(v, p.to(device, non_blocking=True))
+                 for v, p in zip(views, batch["colour_params"])]
+    views = [v.contiguous(memory_format=fmt) for v in views]
     boxes = [b.to(device, non_blocking=True) for b in batch["boxes"]]
     corres = [c.to(device, non_blocking=True) for c in batch["corres"]]
     replaced = batch.get("num_replaced")
@@ -156,6 +163,33 @@ def train_step(model, model_without_ddp, optimizer, scaler, batch: dict, *, step
             "grad_norm": norm, "scale": scale}
 
 
+DATA_WAIT_FRACTION = 0.2
+"""Warn when more than this fraction of the step time is spent waiting for the loader."""
+DATA_WAIT_WINDOW = 50
+"""Steps over which the waiting fraction is measured (the first window of an epoch is skipped:
+workers are still starting)."""
+
+
+def data_wait_advice(wait_seconds: float, total_seconds: float, steps: int,
+                     num_workers: int | None = None) -> str | None:
+    """The warning text when the loop waited on data more than :data:`DATA_WAIT_FRACTION`.
+
+    Args:
+        wait_seconds: time spent in ``next(loader)`` over the window.
+        total_seconds: wall time of the window (waiting included).
+        steps: steps in the window.
+        num_workers: loader workers per process, for the advice (None: not named).
+    """
+    if total_seconds <= 0 or wait_seconds / total_seconds <= DATA_WAIT_FRACTION:
+        return None
+    workers = f" (now {num_workers})" if num_workers is not None else ""
+    return (f"the training step waited for data {100 * wait_seconds / total_seconds:.0f}% of the "
+            f"time over the last {steps} steps (more than {100 * DATA_WAIT_FRACTION:.0f}%): the "
+            f"input pipeline is the bottleneck. Raise --num-workers{workers} (one loader core "
+            "makes about 50-100 SoCo_FPN samples/s, see benchmarks/bench_pretrain_data.py), or "
+            "pass --colour-on-device to move the colour augmentations to the GPU.")
+
+
 def check_bad_fraction(num_replaced: float, num_images: float, limit: float, epoch: int) -> None:
     """Raise :class:`TooManyBadImagesError` if the replaced fraction exceeds ``limit``."""
     if num_images > 0 and num_replaced / num_images > limit:
@@ -192,6 +226,8 @@ def train_one_epoch(*, model, model_without_ddp, loader, optimizer, scaler, lr_v
     last = time.time()
     epoch_images = len(loader.sampler) * world
     remaining = len(loader)
+    wait_window = [0.0, 0.0, 0]  # data seconds, total seconds, steps
+    windows_seen, wait_warned = 0, False
     for batch in loader:
         step = result.next_step
         data_time = time.time() - last
@@ -206,6 +242,16 @@ def train_one_epoch(*, model, model_without_ddp, loader, optimizer, scaler, lr_v
         loss_sum, steps = loss_sum + out["loss"], steps + 1
         dt = max(time.time() - last, 1e-9)
         last = time.time()
+        wait_window[0] += data_time
+        wait_window[1] += dt
+        wait_window[2] += 1
+        if wait_window[2] == DATA_WAIT_WINDOW:
+            windows_seen += 1
+            advice = data_wait_advice(*wait_window, getattr(loader, "num_workers", None))
+            if advice is not None and windows_seen > 1 and not wait_warned:
+                logger.warning(advice)
+                wait_warned = True  # once per epoch
+            wait_window = [0.0, 0.0, 0]
         # LR and tau go in the header: a smoothed median of a schedule would be misleading.
         progress.header = (f"epoch {epoch + 1} lr {lr_values[step]:.4g} "
                            f"tau {momentum_values[step]:.6f} ")

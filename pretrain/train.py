@@ -71,6 +71,9 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-bad-fraction", type=float, default=0.01,
                    help="stop when more than this fraction of an epoch's images was unreadable")
     g.add_argument("--num-workers", type=int, default=4, help="DataLoader workers per process")
+    g.add_argument("--colour-on-device", action="store_true",
+                   help="loader workers only decode, crop, resize and flip; the colour "
+                   "augmentations (drawn per sample on the CPU) run on the batch on the device")
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -175,7 +178,8 @@ def _build_dataset(args: argparse.Namespace):
         jitter_prob=args.jitter_prob, jitter_ratio=args.jitter_ratio, cutout_prob=args.cutout_prob,
         cutout_ratio=(args.cutout_ratio_min, args.cutout_ratio_max),
         aware_range=tuple(args.aware_range), aware_start=args.aware_start,
-        aware_end=args.aware_end, max_replace_tries=args.max_replace_tries)
+        aware_end=args.aware_end, max_replace_tries=args.max_replace_tries,
+        colour_on_device=args.colour_on_device)
 
 
 def build_loader(args: argparse.Namespace, info: sdist.DistInfo):

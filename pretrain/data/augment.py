@@ -31,6 +31,26 @@ _SHIFT = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1) / torch.
 
 
 @dataclass(frozen=True)
+class ColourParams:
+    """The random draws of one :class:`ColourAug` call.
+
+    Attributes:
+        jitter: (brightness, contrast, saturation, hue) factors, or None when the jitter is
+            not applied.
+        order: the order of the four jitter ops (0 brightness, 1 contrast, 2 saturation, 3 hue).
+        grayscale: whether the view is turned grey.
+        blur_radius: PIL Gaussian blur radius (sigma, pixels), or None.
+        solarize: whether the view is solarized.
+    """
+
+    jitter: tuple[float, float, float, float] | None
+    order: tuple[int, int, int, int]
+    grayscale: bool
+    blur_radius: float | None
+    solarize: bool
+
+
+@dataclass(frozen=True)
 class ColourAug:
     """One BYOL colour pipeline; call it with a PIL RGB image and a generator."""
 
@@ -45,31 +65,46 @@ class ColourAug:
     solarize_prob: float = 0.0
     solarize_threshold: int = 128
 
-    def colour_jitter(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
-        """torchvision ``ColorJitter``: the four ops in a random order with uniform factors."""
-        factors = (
-            rng.uniform(max(0.0, 1 - self.brightness), 1 + self.brightness),
-            rng.uniform(max(0.0, 1 - self.contrast), 1 + self.contrast),
-            rng.uniform(max(0.0, 1 - self.saturation), 1 + self.saturation),
-            rng.uniform(-self.hue, self.hue),
-        )
-        ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
-        for op_index in rng.permutation(4):
-            img = ops[op_index](img, float(factors[op_index]))
-        return img
+    def draw(self, rng: np.random.Generator) -> ColourParams:
+        """The random parameters of one call, drawn in the order the pipeline applies them.
 
-    def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
-        """Apply the pipeline; returns a new PIL image (the input is not modified)."""
+        torchvision ``ColorJitter``: uniform factors, then a random order of the four ops.
+        """
+        jitter, order = None, (0, 1, 2, 3)
         if rng.random() < self.jitter_prob:
-            img = self.colour_jitter(img, rng)
-        if rng.random() < self.grayscale_prob:
+            jitter = (
+                float(rng.uniform(max(0.0, 1 - self.brightness), 1 + self.brightness)),
+                float(rng.uniform(max(0.0, 1 - self.contrast), 1 + self.contrast)),
+                float(rng.uniform(max(0.0, 1 - self.saturation), 1 + self.saturation)),
+                float(rng.uniform(-self.hue, self.hue)),
+            )
+            order = tuple(int(k) for k in rng.permutation(4))
+        grayscale = bool(rng.random() < self.grayscale_prob)
+        blur = float(rng.uniform(*self.blur_sigma)) if rng.random() < self.blur_prob else None
+        solarize = bool(rng.random() < self.solarize_prob)
+        return ColourParams(jitter, order, grayscale, blur, solarize)
+
+    def apply(self, img: Image.Image, params: ColourParams) -> Image.Image:
+        """Apply drawn parameters with torchvision's / PIL's ops; returns a new PIL image."""
+        if params.jitter is not None:
+            ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+            for op_index in params.order:
+                img = ops[op_index](img, params.jitter[op_index])
+        if params.grayscale:
             img = img.convert("L").convert("RGB")
-        if rng.random() < self.blur_prob:
-            img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(*self.blur_sigma))))
-        if rng.random() < self.solarize_prob:
+        if params.blur_radius is not None:
+            img = img.filter(ImageFilter.GaussianBlur(radius=params.blur_radius))
+        if params.solarize:
             img = ImageOps.solarize(img, threshold=self.solarize_threshold)
         return img
 
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        """Draw and apply; returns a new PIL image (the input is not modified)."""
+        return self.apply(img, self.draw(rng))
+
+
+#: Parameters that change nothing (colour switched off).
+NO_COLOUR = ColourParams(None, (0, 1, 2, 3), False, None, False)
 
 #: V1's pipeline ("post_1"): blur always, no solarize.
 POST_1 = ColourAug(blur_prob=1.0, solarize_prob=0.0)

@@ -50,7 +50,8 @@ def build_pretrain_dataset(image_root: str, proposals, arch: str = "SoCo_FPN", a
                            max_tries: int = 5, jitter_prob: float = 0.5, jitter_ratio: float = 0.1,
                            cutout_prob: float = 0.5, cutout_ratio: Sequence[float] = (0.1, 0.3),
                            aware_range: Sequence[float] = (48, 96, 192, 224, 0), aware_start: int = 0,
-                           aware_end: int = 4, max_replace_tries: int = 10) -> PretrainDataset:
+                           aware_end: int = 4, max_replace_tries: int = 10,
+                           colour_on_device: bool = False) -> PretrainDataset:
     """Build the pretraining dataset of one recipe.
 
     Args:
@@ -71,6 +72,10 @@ def build_pretrain_dataset(image_root: str, proposals, arch: str = "SoCo_FPN", a
         cutout_prob, cutout_ratio: in-box cutout (the ``*Cutout`` augs only).
         aware_range, aware_start, aware_end: FPN level assignment by resized box size.
         max_replace_tries: consecutive unreadable images tolerated for one sample.
+        colour_on_device: return uint8 views and their colour parameters (``"colour_params"``,
+            float32 [PARAMS] per view) instead of coloured, normalised float views; the
+            training loop applies them on the device (:mod:`pretrain.data.device_colour`).
+            Not with the ``*Cutout`` augs.
 
     Raises:
         ValueError: unknown or incompatible options.
@@ -88,6 +93,9 @@ def build_pretrain_dataset(image_root: str, proposals, arch: str = "SoCo_FPN", a
     _check_options(arch, aug, layout, view_sizes, crop_scale_min, select_k, padding_k, max_tries,
                    jitter_prob, cutout_prob, cutout_ratio, aware_range, aware_start, aware_end,
                    max_replace_tries)
+    if colour_on_device and AUG_LAYOUT[aug][1]:
+        raise ValueError(f"colour_on_device does not support the cutout aug {aug!r} (the cutout "
+                         "is drawn after the colour and applied to the normalised view)")
     if not os.path.isdir(image_root):
         raise FileNotFoundError(f"image folder {image_root!r} does not exist or is not a folder")
     store, paths = None, None
@@ -106,6 +114,6 @@ def build_pretrain_dataset(image_root: str, proposals, arch: str = "SoCo_FPN", a
         select_k=select_k, padding_k=padding_k, max_tries=max_tries, jitter_prob=jitter_prob,
         jitter_ratio=jitter_ratio, cutout_views=AUG_LAYOUT[aug][1], cutout_prob=cutout_prob,
         cutout_ratio=cutout_ratio, aware_range=tuple(float(a) for a in aware_range),
-        aware_start=aware_start, aware_end=aware_end)
+        aware_start=aware_start, aware_end=aware_end, colour_on_device=bool(colour_on_device))
     return PretrainDataset(image_root, store, config, arch=arch, aug=aug,
                            max_replace_tries=max_replace_tries, paths=paths)

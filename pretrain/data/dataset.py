@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pretrain.data.pipelines import PipelineConfig, make_geometry, make_tensors
+from pretrain.data.pipelines import PipelineConfig, make_geometry, make_tensors, make_uint8_views
 from pretrain.topology import LAYOUT_TOPOLOGY, TOPOLOGIES
 from socokit.images import ImageError, load_rgb
 from socokit.log import get_logger
@@ -125,10 +125,13 @@ class PretrainDataset(Dataset):
     def sample(self, img, proposals_xyxy: np.ndarray, rng: np.random.Generator) -> dict:
         """Views, boxes and correspondences of one image (no loading, no replacement)."""
         geometry = make_geometry(img, proposals_xyxy, rng, self.config)
-        views = make_tensors(geometry, rng, self.config, colour=self.colour_aug)
-        return {"views": views,
-                "boxes": [torch.from_numpy(b) for b in geometry.boxes],
+        item = {"boxes": [torch.from_numpy(b) for b in geometry.boxes],
                 "corres": [torch.from_numpy(c) for c in geometry.corres]}
+        if self.config.colour_on_device:
+            item["views"], item["colour_params"] = make_uint8_views(geometry, rng, self.colour_aug)
+        else:
+            item["views"] = make_tensors(geometry, rng, self.config, colour=self.colour_aug)
+        return item
 
     def __getitem__(self, key) -> dict:
         """Sample ``key``: a :class:`socokit.resume.SampleKey` (training: randomness from

@@ -22,7 +22,9 @@ import torch
 from PIL import Image
 
 from pretrain.data import box_views as bv
-from pretrain.data.augment import POST_1, POST_2, cutout_in_boxes_, to_normalized_tensor
+from pretrain.data.augment import (NO_COLOUR, POST_1, POST_2, cutout_in_boxes_,
+                                   to_normalized_tensor)
+from pretrain.data.device_colour import pack_params
 from pretrain.data.views import crop_resize, sample_rrc_params, whole_image_params
 from pretrain.topology import LAYOUT_TOPOLOGY
 
@@ -53,6 +55,7 @@ class PipelineConfig:
     aware_range: tuple[float, ...] = (48, 96, 192, 224, 0)
     aware_start: int = 0
     aware_end: int = 4
+    colour_on_device: bool = False
 
     @property
     def num_levels(self) -> int:
@@ -175,6 +178,8 @@ def make_tensors(sample: GeometricSample, rng: np.random.Generator, cfg: Pipelin
                  colour: bool = True) -> list[torch.Tensor]:
     """Stage 2: colour, ToTensor+Normalize, cutout. Returns float32 [3, S_v, S_v] per view.
 
+    With ``cfg.colour_on_device`` see :func:`make_uint8_views` instead.
+
     Args:
         colour: False skips the colour pipelines (for tests and visualisation).
     """
@@ -188,3 +193,25 @@ def make_tensors(sample: GeometricSample, rng: np.random.Generator, cfg: Pipelin
                          cfg.cutout_prob, cfg.cutout_ratio)
     return tensors
 
+
+
+def make_uint8_views(sample: GeometricSample, rng: np.random.Generator,
+                     colour: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Stage 2 for colour on the device: uint8 views and their drawn colour parameters.
+
+    The parameters are drawn with the same generator calls, in the same order, as
+    :func:`make_tensors` would make (post_1 for V1, post_2 for the others), so the
+    distribution of every parameter is unchanged; :func:`pretrain.data.device_colour.apply_colour`
+    applies them to the batch. No cutout (its boxes are drawn after the colour).
+
+    Returns:
+        (uint8 [3, S_v, S_v] per view, float32 [PARAMS] per view); with ``colour=False`` the
+        parameters are the identity (nothing applied).
+    """
+    views, params = [], []
+    for v, view in enumerate(sample.views):
+        drawn = (POST_1 if v == 0 else POST_2).draw(rng) if colour else NO_COLOUR
+        views.append(torch.from_numpy(np.asarray(view, dtype=np.uint8).copy()).permute(2, 0, 1)
+                     .contiguous())
+        params.append(pack_params(drawn))
+    return views, params
