@@ -9,8 +9,9 @@ Runs, on one device, and prints one table:
 2. Mask R-CNN R50-FPN fine-tuning at 800x1333 (:mod:`transfer.engine`), ~30 iterations in fp32
    and bf16 (images/s, peak memory), then evaluation on 50 images (images/s).
 3. One pretraining loss and one Mask R-CNN loss for the same batch and weights computed in
-   float64 on the CPU and in float32 on the device (TF32 off); the relative difference must be
-   within the stated tolerance.
+   float32 on the CPU and on the device (TF32 off); the relative difference must be within the
+   stated tolerance (on a CPU-only run both sides run on the CPU: the row only shows the
+   check works).
 
 ``--tiny`` shrinks everything (timm ResNet-18, 64-96 px, batch 2, 3 steps, CPU unless
 ``--device`` says otherwise) so that the whole script runs in the tests. On the CPU every row
@@ -47,7 +48,7 @@ from pretrain.models import build_model  # noqa: E402
 from socokit.training import autocast_context  # noqa: E402
 from transfer.models import build_detector  # noqa: E402
 
-#: relative |float64 CPU - float32 device| / |float64 CPU| allowed for the two losses
+#: relative |CPU - device| / |CPU| allowed for the two float32 losses (TF32 off)
 LOSS_RTOL = 1e-3
 
 
@@ -183,20 +184,19 @@ def _relative(a: float, b: float) -> float:
 
 
 def pretrain_loss_agreement(s: Settings, root: str, store: str) -> dict:
-    """The same batch and weights: float64 on the CPU vs float32 on the device."""
+    """The same batch and weights in float32: CPU vs the device."""
     dataset = build_pretrain_dataset(root, store, arch="SoCo_FPN", image_size=s.image_size)
     batch = torch.utils.data.default_collate([dataset[i] for i in range(min(4, len(dataset)))])
     torch.manual_seed(0)
     model = build_model("SoCo_FPN", backbone=s.backbone)
     losses = []
-    for device, dtype in ((torch.device("cpu"), torch.float64), (s.device, torch.float32)):
-        m = copy.deepcopy(model).to(device, dtype)
+    for device in (torch.device("cpu"), s.device):
+        m = copy.deepcopy(model).to(device)
         views, boxes, corres, _ = move_batch(batch, device)
         with torch.no_grad():
-            loss = m([v.to(dtype) for v in views], [b.to(dtype) for b in boxes],
-                     [c.to(dtype) for c in corres])["loss"]
+            loss = m(views, boxes, corres)["loss"]
         losses.append(float(loss))
-    return {"what": "pretrain loss, CPU fp64 vs device fp32", "values": losses,
+    return {"what": f"pretrain loss, CPU vs {s.device.type} (fp32)", "values": losses,
             "rel_diff": _relative(*losses)}
 
 
@@ -216,15 +216,14 @@ def detection_loss_agreement(s: Settings, data: dict) -> dict:
     for sampler in (model.rpn.fg_bg_sampler, model.roi_heads.fg_bg_sampler):
         sampler.batch_size_per_image = 10**9  # keep all: the subset does not depend on the RNG
     losses = []
-    for device, dtype in ((torch.device("cpu"), torch.float64), (s.device, torch.float32)):
-        m = copy.deepcopy(model).to(device, dtype)
-        imgs = [img.to(device).to(dtype) / 255.0 * 255.0 for img in images]
-        tgts = [{k: (v.to(device, dtype) if v.is_floating_point() else v.to(device))
-                 for k, v in t.items()} for t in targets]
+    for device in (torch.device("cpu"), s.device):
+        m = copy.deepcopy(model).to(device)
+        imgs = [img.to(device) for img in images]
+        tgts = [{k: v.to(device) for k, v in t.items()} for t in targets]
         with torch.no_grad():
             loss_dict = m(imgs, tgts)
         losses.append(float(sum(loss_dict.values())))
-    return {"what": "Mask R-CNN loss, CPU fp64 vs device fp32", "values": losses,
+    return {"what": f"Mask R-CNN loss, CPU vs {s.device.type} (fp32)", "values": losses,
             "rel_diff": _relative(*losses)}
 
 
