@@ -164,14 +164,14 @@ def detection_rows(s: Settings, data: dict) -> list[dict]:
                                   batch=s.det_batch, iters=s.det_iters, warmup=2 if s.tiny else 5,
                                   workers=s.workers, amp=amp)
         _reset_peak(s.device)
-        images_s = bench_finetune.bench_ours(args, data, s.device)
+        images_s = bench_finetune.bench_ours(args, data, s.device, "detectron2")
         rows.append({"what": "Mask R-CNN R-FPN train", "setting":
                      f"{s.det_backbone} {s.det_size}x{s.det_max_size} {amp} b{s.det_batch}",
                      "images_s": images_s, "peak_mib": _peak_mib(s.device), "mfu": math.nan,
                      "data_wait": math.nan})
     args.amp = _amp(s)
     _reset_peak(s.device)
-    images_s = bench_finetune.bench_eval(args, data, s.device, ours=True)
+    images_s = bench_finetune.bench_eval(args, data, s.device, ours=True, parity="detectron2")
     rows.append({"what": "Mask R-CNN R-FPN eval", "setting":
                  f"{s.eval_images} images {s.det_size}x{s.det_max_size} {args.amp}",
                  "images_s": images_s, "peak_mib": _peak_mib(s.device), "mfu": math.nan,
@@ -211,8 +211,11 @@ def detection_loss_agreement(s: Settings, data: dict) -> dict:
                                    max_size=s.det_max_size, num_workers=0, pin_memory=False)
     images, targets = next(iter(loader))
     torch.manual_seed(0)
+    # torchvision parity: its losses are averaged over the sampled anchors/proposals, which
+    # stays meaningful when every one is kept (detectron2's divide by the nominal batch size)
     model = build_detector("maskrcnn_fpn", backbone=s.det_backbone, num_classes=11, norm="bn",
-                           min_size=s.det_size, max_size=s.det_max_size).train()
+                           min_size=s.det_size, max_size=s.det_max_size,
+                           parity="torchvision").train()
     for sampler in (model.rpn.fg_bg_sampler, model.roi_heads.fg_bg_sampler):
         sampler.batch_size_per_image = 10**9  # keep all: the subset does not depend on the RNG
     losses = []
