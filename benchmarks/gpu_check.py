@@ -204,6 +204,7 @@ def detection_loss_agreement(s: Settings, data: dict) -> dict:
     """Mask R-CNN training loss for one batch; the samplers keep every anchor and proposal,
     so no random subset differs between the devices."""
     from transfer.data import build_train_loader, load_split
+    from transfer.engine import to_device
 
     records, _, _ = load_split(data["coco_train_images"], data["coco_train_json"])
     loader, _ = build_train_loader(records, data["coco_train_images"], batch_size=2, seed=0,
@@ -221,10 +222,8 @@ def detection_loss_agreement(s: Settings, data: dict) -> dict:
     losses = []
     for device in (torch.device("cpu"), s.device):
         m = copy.deepcopy(model).to(device)
-        imgs = [img.to(device) for img in images]
-        tgts = [{k: v.to(device) for k, v in t.items()} for t in targets]
         with torch.no_grad():
-            loss_dict = m(imgs, tgts)
+            loss_dict = m(*to_device(images, targets, device))
         losses.append(float(sum(loss_dict.values())))
     return {"what": f"Mask R-CNN loss, CPU vs {s.device.type} (fp32)", "values": losses,
             "rel_diff": _relative(*losses)}
