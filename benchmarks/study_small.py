@@ -71,10 +71,11 @@ PRESETS = {
 class Runner:
     """Runs one command per step, skipping steps whose ``done`` file exists; records every run."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, report_only: bool = False):
         import threading
 
         self.out = out
+        self.report_only = report_only
         self.runs_file = out / "runs.jsonl"
         self._lock = threading.Lock()
 
@@ -90,6 +91,8 @@ class Runner:
         if done.exists():
             stamp = self._last(name)
             return {**(stamp or rec), "status": "ok", "skipped": True}
+        if self.report_only:
+            return {**rec, "status": "not run"}
         print(f"[study] {name}\n$ {rec['cmd']}", flush=True)
         log.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
@@ -389,7 +392,7 @@ def finetune_cmd(a, init: str, data: Path, split: str, seed: int, out: Path, lr:
 def run_study(a) -> dict:
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    runner = Runner(out)
+    runner = Runner(out, report_only=a.report_only)
     data = out / "data"
     info = make_data(a, data)
     env = {"OMP_NUM_THREADS": str(a.threads)}
@@ -453,12 +456,14 @@ def run_study(a) -> dict:
                 continue
             det = out / "init" / f"{tag}_epoch{e:04d}.pth"
             r = runner.run(f"convert_{tag}_epoch{e}", py("transfer/convert.py", ckpt, det), det, env)
+            if a.report_only and f"{tag}_epoch{e}" not in probes:
+                continue
             if r["status"] == "ok":
                 entry["probe"].append({"epoch": e, **get_probe(f"{tag}_epoch{e}", det)})
                 key = f"drift_{tag}_epoch{e}"
-                if key not in probes:
+                if key not in probes and not a.report_only:
                     save_probe(key, weight_drift(ckpt))
-                entry["probe"][-1]["drift"] = probes[key]
+                entry["probe"][-1]["drift"] = probes.get(key)
         det = out / "init" / f"{tag}_epoch{a.pretrain_epochs:04d}.pth"
         if det.is_file():
             inits[m] = str(det)
@@ -640,6 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="cpu", help="cpu or cuda")
     r.add_argument("--workers", type=int, default=1, help="data-loader / selective-search processes")
     r.add_argument("--threads", type=int, default=1, help="OMP/torch threads per process")
+    r.add_argument("--report-only", action="store_true",
+                   help="run nothing: write the table of the runs finished so far (the others: 'not run')")
     r.add_argument("--jobs", type=int, default=1,
                    help="runs at a time (pretraining of the methods; fine-tuning runs)")
     return p
