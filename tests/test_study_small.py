@@ -91,3 +91,15 @@ def test_tiny_study_end_to_end_and_resume(study, tmp_path):
     again = study.main(args)  # resumes: every step is done, nothing runs again
     assert len((out / "runs.jsonl").read_text().splitlines()) == n_runs
     assert again["summary"] == res["summary"]
+
+
+def test_report_only_runs_nothing_and_lists_every_run(study, tmp_path):
+    out = tmp_path / "report"
+    res = study.main(["--out", str(out), "--preset", "tiny", "--methods", "scratch", "byol", "--seeds", "0", "1",
+                      "--report-only"])
+    assert not (out / "runs.jsonl").exists()  # no command was started
+    assert [(r["method"], r["seed"], r["status"]) for r in res["finetune"]] == [
+        ("scratch", 0, "not run"), ("byol", 0, "not run (no init)"), ("scratch", 1, "not run"),
+        ("byol", 1, "not run (no init)")]
+    assert res["summary"]["scratch"] == {"seeds_ok": 0, "seeds_total": 2}
+    assert "| scratch | 1 | 0.02 | not run |" in (out / "results.md").read_text()
