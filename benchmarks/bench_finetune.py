@@ -87,11 +87,17 @@ class ReferenceCocoDataset(Dataset):
         return img, target
 
 
+# --heads narrow: the demo recipe's widths and RoI counts (transfer/configs/demo_cpu.yaml), for a
+# CPU shared with other jobs; the full recipe heads cost ~100 GFLOP per step in the box head alone
+NARROW_HEADS = dict(fpn_channels=32, conv_dim=32, fc_dim=128, mask_dim=32, rpn_post_nms_top_n_train=200,
+                    rpn_post_nms_top_n_test=200, box_batch_size_per_image=64)
+
+
 def _model(args, device, ours: bool, parity: str = "torchvision"):
     torch.manual_seed(0)
     model = build_detector("maskrcnn_fpn", backbone=args.backbone, num_classes=11, norm="bn",
                            min_size=args.size, max_size=args.max_size, channels_last=ours and device.type == "cuda",
-                           parity=parity)
+                           parity=parity, **(NARROW_HEADS if args.heads == "narrow" else {}))
     if not ours:
         model.transform = GeneralizedRCNNTransform(args.size, args.max_size, PIXEL_CONVENTION["mean"],
                                                    PIXEL_CONVENTION["std"])
@@ -191,6 +197,8 @@ def main(argv=None):
     p.add_argument("--images", type=int, default=24, help="synthetic COCO-style training images")
     p.add_argument("--measure", default="both", choices=("both", "train", "eval"), help="what to time")
     p.add_argument("--repeats", type=int, default=2, help="interleaved runs per path; the best rate is kept")
+    p.add_argument("--heads", default="full", choices=("full", "narrow"),
+                   help="full: the recipes' head widths and RoI counts; narrow: the demo recipe's (busy CPUs)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -199,7 +207,8 @@ def main(argv=None):
         data = make_demo_data(f"{tmp}/demo", num_classes=1, images_per_class=1, coco_train=args.images,
                               coco_val=max(8, args.images // 4), image_size=(args.size * 3 // 4, args.size * 4 // 3),
                               photos=False, progress=False)
-        print(f"device {device}, amp {args.amp}, backbone {args.backbone}, size {args.size}/{args.max_size}, "
+        print(f"device {device}, amp {args.amp}, backbone {args.backbone}, {args.heads} heads, "
+              f"size {args.size}/{args.max_size}, "
               f"batch {args.batch}, {args.iters} timed steps after {args.warmup}, {args.workers} workers")
         if args.measure in ("both", "train"):
             rates = _interleaved(args.repeats, {
