@@ -1,7 +1,7 @@
 """Training (and evaluation) images/s: our fine-tuning loop vs torchvision's reference recipe.
 
-Same detector (Mask R-CNN R-FPN with the 4conv1fc head, built once per path with the same seed),
-same batch, same image size, same images, in one run:
+Same detector (Mask R-CNN R-FPN with the 4conv1fc head, built once per path, every path starting
+from the same weights), same batch, same image size, same images, in one run:
 
 * **reference**: a re-implementation of torchvision ``references/detection`` training: the
   dataset decodes every mask at the original resolution, converts the image to float in the
@@ -95,11 +95,26 @@ NARROW_HEADS = dict(fpn_channels=32, conv_dim=32, fc_dim=128, mask_dim=32, rpn_p
                     rpn_post_nms_top_n_test=200, box_batch_size_per_image=64)
 
 
+_WEIGHTS: dict = {}
+
+
 def _model(args, device, ours: bool, parity: str = "torchvision"):
-    torch.manual_seed(0)
-    model = build_detector("maskrcnn_fpn", backbone=args.backbone, num_classes=11, norm="bn",
-                           min_size=args.size, max_size=args.max_size, channels_last=ours and device.type == "cuda",
-                           parity=parity, **(NARROW_HEADS if args.heads == "narrow" else {}))
+    """The detector of one path, with the same weights in every path.
+
+    The weights are the ``parity="detectron2"`` initialisation, loaded into every path (the R-CNN
+    state-dict keys do not depend on the parity mode): the number of proposals, foreground RoIs and
+    detections, and so the cost of the mask branch, then depends on the code, not on the init.
+    """
+    def build(p):
+        torch.manual_seed(0)
+        return build_detector("maskrcnn_fpn", backbone=args.backbone, num_classes=11, norm="bn",
+                              min_size=args.size, max_size=args.max_size,
+                              channels_last=ours and device.type == "cuda", parity=p,
+                              **(NARROW_HEADS if args.heads == "narrow" else {}))
+    if "state" not in _WEIGHTS:
+        _WEIGHTS["state"] = build("detectron2").state_dict()
+    model = build(parity)
+    model.load_state_dict(_WEIGHTS["state"])
     if not ours:
         model.transform = GeneralizedRCNNTransform(args.size, args.max_size, PIXEL_CONVENTION["mean"],
                                                    PIXEL_CONVENTION["std"])
