@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # this folder's benchmarks; the checkout's packages
 
 import bench_finetune  # noqa: E402  (same folder)
 import bench_pretrain_data  # noqa: E402
