@@ -49,7 +49,7 @@ from transfer.data import build_test_loader, build_train_loader, load_split
 from transfer.engine import TrainState, train_step
 from transfer.evaluation import DetectionEvaluator, run_inference
 from transfer.models import build_detector
-from transfer.solver import build_optimizer
+from transfer.solver import Schedule, build_optimizer
 
 
 class ReferenceCocoDataset(Dataset):
@@ -177,8 +177,8 @@ def bench_ours(args, data, device, parity: str) -> float:
                                    world_size=1, start_iter=0, min_sizes=(args.size,), max_size=args.max_size,
                                    num_workers=args.workers, pin_memory=device.type == "cuda",
                                    group_aspect=parity == "detectron2")
-    state = TrainState(build_optimizer(model, 0.002), make_grad_scaler(device, args.amp), 10 ** 9, 0.002, (),
-                       0, amp=args.amp)
+    state = TrainState(optimizer=build_optimizer(model, 0.002), scaler=make_grad_scaler(device, args.amp),
+                       schedule=Schedule(max_iter=10 ** 9, steps=(), warmup_iters=0, lr=0.002), amp=args.amp)
     data_iter = iter(loader)
     for _ in range(args.warmup):
         train_step(model, [next(data_iter)], state, device)

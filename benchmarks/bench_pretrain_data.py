@@ -32,6 +32,7 @@ from PIL import Image, ImageFilter, ImageOps
 from torch.utils.data import Dataset
 from torchvision import transforms
 
+from pretrain.config import PretrainDataConfig
 from pretrain.data import build_pretrain_dataset
 from socokit.proposal_store import write_store
 
@@ -39,10 +40,12 @@ YARDSTICK = "yardstick: release transforms, 2 views"
 PIPELINES = {  # key: (printed name, build kwargs)
     "byol": ("BYOL (2 views 224, image-only)", dict(arch="BYOL")),
     "fpn": ("SoCo_FPN (224/224/112 + boxes)", dict(arch="SoCo_FPN")),
-    "fpn_device": ("SoCo_FPN, colour on device (loader)", dict(arch="SoCo_FPN", colour_on_device=True)),
-    "fpn_cutout": ("SoCo_FPN + cutout", dict(arch="SoCo_FPN", aug="ImageAsymBboxAwareMultiJitter1Cutout")),
+    "fpn_device": ("SoCo_FPN, colour on device (loader)",
+                   dict(arch="SoCo_FPN", cfg=PretrainDataConfig(colour_on_device=True))),
+    "fpn_cutout": ("SoCo_FPN + cutout",
+                   dict(arch="SoCo_FPN", cfg=PretrainDataConfig(aug="ImageAsymBboxAwareMultiJitter1Cutout"))),
     "fpn_star": ("SoCo_FPN_Star (224/224/192/112)", dict(arch="SoCo_FPN_Star")),
-    "c4": ("SoCo_C4 (224/224 + boxes, cutout)", dict(arch="SoCo_C4", crop_scale_min=0.6)),
+    "c4": ("SoCo_C4 (224/224 + boxes, cutout)", dict(arch="SoCo_C4", cfg=PretrainDataConfig(crop=0.6))),
 }
 BASELINE, MAIN, DEVICE = PIPELINES["byol"][0], PIPELINES["fpn"][0], PIPELINES["fpn_device"][0]
 

@@ -27,18 +27,11 @@ import torch
 from pretrain.data.device_colour import apply_colour
 from socokit import distributed as sdist
 from socokit.backbones import PIXEL_CONVENTION
+from socokit.errors import TooManyBadImagesError
 from socokit.training import autocast_context, check_finite
-
-#: Test hook: ``SOCO_INJECT_NAN="STEP"`` or ``"STEP:RANK"`` makes the local loss NaN at global
-#: step STEP (on rank RANK only), to exercise the non-finite stop path end to end.
-INJECT_NAN_ENV = "SOCO_INJECT_NAN"
 
 CHECKPOINT_FORMAT = "soco-pretrain"
 CHECKPOINT_VERSION = 1
-
-
-class TooManyBadImagesError(RuntimeError):
-    """More than ``max_bad_fraction`` of the images of an epoch were unreadable and replaced."""
 
 
 @dataclass
@@ -81,14 +74,6 @@ class EpochResult:
     num_images: int = 0
     num_replaced: int = 0
     history: list = field(default_factory=list)
-
-
-def _injected_nan_steps() -> tuple[int, int | None] | None:
-    spec = os.environ.get(INJECT_NAN_ENV, "").strip()
-    if not spec:
-        return None
-    step, _, rank = spec.partition(":")
-    return int(step), (int(rank) if rank else None)
 
 
 def move_batch(batch: dict, device: torch.device, channels_last: bool = False):
@@ -142,9 +127,6 @@ def train_step(model, model_without_ddp, optimizer, scaler, batch: dict, *, step
     model_without_ddp.update_target(tau)
     with autocast_context(settings.device, settings.amp):
         loss = model(views, boxes, corres)["loss"]
-    inject = _injected_nan_steps()
-    if inject is not None and inject[0] == step and inject[1] in (None, sdist.get_rank()):
-        loss = loss * float("nan")
     # One collective per step: the mean loss for logging and the finiteness check, and the
     # bad-image count. Logging the mean fixes the original's rank-0-only loss (docs/method.md §8 item 11).
     stats = sdist.all_reduce_sum(torch.stack([loss.detach().float(), replaced]))

@@ -15,7 +15,13 @@ with ``IMAGENET/train/<class>/*`` and ``IMAGENET/val/<class>/*``.
 """
 from __future__ import annotations
 
-import argparse
+import sys
+
+if __name__ == "__main__":  # check the configuration before importing torch: a bad value fails fast
+    from pretrain.config import LinearEvalConfig
+    from socokit.config import parse_config_or_exit
+    parse_config_or_exit(LinearEvalConfig, sys.argv[1:])
+
 import os
 
 import torch
@@ -26,57 +32,34 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from torchvision import datasets, transforms
 
+from pretrain.config import LinearEvalConfig
 from pretrain.schedules import lr_schedule, scaled_lr
 from socokit import distributed as sdist
 from socokit.backbones import (PIXEL_CONVENTION, build_c4_backbone, build_fpn_backbone,
                                build_res5_head)
 from socokit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from socokit.retention import Retention, add_retention_args
-from socokit.config import add_config_argument, config_to_dict, parse_args_with_config, save_config
-from socokit.fileio import CheckpointError, atomic_save_json, check_writable_dir
+from socokit.config import build_parser as build_config_parser
+from socokit.config import config_to_dict, parse_config_or_exit, save_config
+from socokit.errors import CheckpointError, exit_on_user_error
+from socokit.fileio import atomic_save_json, check_writable_dir
 from socokit.images import ImageError, load_rgb
 from socokit.log import setup_logging
 from socokit.resume import (ResumableDistributedSampler, ResumeError, SampleKey, check_schedule,
                             gather_rng_states, restore_rank_rng)
-from socokit.training import (AMP_MODES, ProgressMeter, autocast_context, resolve_amp, seed_everything,
+from socokit.retention import Retention
+from socokit.training import (ProgressMeter, autocast_context, resolve_amp, seed_everything,
                               seed_worker)
 
 UNREADABLE = -1  # target of an unreadable image: ignored by the loss and the accuracy
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Linear evaluation of a soco-pretrain checkpoint.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_config_argument(p)
-    p.add_argument("--pretrained", required=True, help="soco-pretrain checkpoint (its online backbone)")
-    p.add_argument("--data", required=True, help="folder with train/<class>/ and val/<class>/ images")
-    p.add_argument("--output-dir", default="output/linear", help="checkpoints, metrics.json, logs")
-    p.add_argument("--epochs", type=int, default=100, help="training epochs")
-    p.add_argument("--warmup-epoch", type=int, default=5, help="linear warmup epochs")
-    p.add_argument("--warmup-multiplier", type=float, default=100.0, help="warmup starts at lr / this")
-    p.add_argument("--base-lr", type=float, default=30.0, help="LR per 256 images (scaled linearly)")
-    p.add_argument("--eta-min", type=float, default=1e-6, help="final LR of the cosine")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="weight decay of the linear layer")
-    p.add_argument("--batch-size", type=int, default=32, help="images per process (8 x 32 = 256)")
-    p.add_argument("--image-size", type=int, default=224, help="train crop and val centre crop size")
-    p.add_argument("--val-resize", type=int, default=256, help="val: shorter side resized to this")
-    p.add_argument("--crop-scale-min", type=float, default=0.08, help="RandomResizedCrop min area")
-    p.add_argument("--bn-train", action="store_true", help="keep the frozen backbone's BN in train "
-                   "mode (the original's behaviour: batch statistics, running stats drift)")
-    p.add_argument("--num-workers", type=int, default=8, help="DataLoader workers per process")
-    p.add_argument("--amp", default="auto", choices=AMP_MODES,
-                   help="autocast for the frozen backbone; auto = bf16 on CUDA if supported (else "
-                        "fp16), none on CPU")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=int, default=0, help="base seed (rank r uses seed + r)")
-    p.add_argument("--auto-resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="continue from OUTPUT_DIR/current.pth if present")
-    p.add_argument("--save-freq", type=int, default=10, help="checkpoint every N epochs (and at the end)")
-    add_retention_args(p, "epochs")
-    sdist.add_launch_args(p)
-    p.add_argument("--print-freq", type=int, default=100, help="log every N iterations")
-    return p
+#: The configuration class of this entry point (sections, options, validation).
+CONFIG = LinearEvalConfig
+
+
+def build_parser():
+    """The argparse parser of every option (from :class:`pretrain.config.LinearEvalConfig`)."""
+    return build_config_parser(LinearEvalConfig)
 
 
 class FrozenBackbone(nn.Module):
@@ -176,31 +159,31 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
-def build_loaders(args, info, pixel: dict):
+def build_loaders(cfg: LinearEvalConfig, info, pixel: dict):
     scale = 255.0 if pixel.get("range", 1.0) == 255 else 1.0
     norm = transforms.Normalize([m / scale for m in pixel["mean"]], [s / scale for s in pixel["std"]])
     train_tf = transforms.Compose([
-        transforms.RandomResizedCrop(args.image_size, scale=(args.crop_scale_min, 1.0)),
+        transforms.RandomResizedCrop(cfg.data.image_size, scale=(cfg.data.crop_scale_min, 1.0)),
         transforms.RandomHorizontalFlip(), transforms.ToTensor(), norm])
-    val_tf = transforms.Compose([transforms.Resize(args.val_resize), transforms.CenterCrop(args.image_size),
+    val_tf = transforms.Compose([transforms.Resize(cfg.data.val_resize), transforms.CenterCrop(cfg.data.image_size),
                                  transforms.ToTensor(), norm])
     try:
-        train_set = SafeImageFolder(os.path.join(args.data, "train"), train_tf, args.image_size)
-        val_set = SafeImageFolder(os.path.join(args.data, "val"), val_tf, args.val_resize)
+        train_set = SafeImageFolder(os.path.join(cfg.data.data, "train"), train_tf, cfg.data.image_size)
+        val_set = SafeImageFolder(os.path.join(cfg.data.data, "val"), val_tf, cfg.data.val_resize)
     except (FileNotFoundError, OSError) as e:
-        raise SystemExit(f"error: --data {args.data!r}: {e}") from None
+        raise SystemExit(f"error: --data {cfg.data.data!r}: {e}") from None
     if train_set.class_to_idx != val_set.class_to_idx:
-        raise SystemExit(f"error: {args.data}: train/ and val/ hold different class folders")
-    sampler = ResumableDistributedSampler(train_set, info.world_size, info.rank, seed=args.seed)
-    common = dict(num_workers=args.num_workers, pin_memory=info.device.type == "cuda",
-                  worker_init_fn=seed_worker, persistent_workers=args.num_workers > 0)
-    train_loader = DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=True,
-                              generator=torch.Generator().manual_seed(args.seed + info.rank), **common)
-    val_loader = DataLoader(val_set, args.batch_size, sampler=ShardSampler(len(val_set), info.rank,
-                                                                           info.world_size), **common)
+        raise SystemExit(f"error: {cfg.data.data}: train/ and val/ hold different class folders")
+    sampler = ResumableDistributedSampler(train_set, info.world_size, info.rank, seed=cfg.run.seed)
+    common = dict(num_workers=cfg.data.num_workers, pin_memory=info.device.type == "cuda",
+                  worker_init_fn=seed_worker, persistent_workers=cfg.data.num_workers > 0)
+    train_loader = DataLoader(train_set, cfg.optim.batch_size, sampler=sampler, drop_last=True,
+                              generator=torch.Generator().manual_seed(cfg.run.seed + info.rank), **common)
+    val_sampler = ShardSampler(len(val_set), info.rank, info.world_size)
+    val_loader = DataLoader(val_set, cfg.optim.batch_size, sampler=val_sampler, **common)
     if len(train_loader) == 0:
         raise SystemExit(f"error: {len(train_set)} training images are fewer than one iteration "
-                         f"(batch {args.batch_size} x {info.world_size} processes)")
+                         f"(batch {cfg.optim.batch_size} x {info.world_size} processes)")
     return train_loader, sampler, val_loader, len(train_set.classes)
 
 
@@ -252,13 +235,13 @@ def train_epoch(backbone, fc, loader, optimizer, lr_values, first_step: int, dev
     return total / max(n, 1)
 
 
-def _resume(args, fc, optimizer, schedule: dict, info, logger) -> tuple[int, list]:
+def _resume(cfg: LinearEvalConfig, fc, optimizer, schedule: dict, info, logger) -> tuple[int, list]:
     """Continue from ``OUTPUT_DIR/current.pth`` under the policy of :mod:`socokit.resume`.
 
     Raises:
         SystemExit: unreadable file, not a linear-evaluation checkpoint, or another schedule.
     """
-    path = latest_checkpoint(args.output_dir) if args.auto_resume else None
+    path = latest_checkpoint(cfg.run.output_dir) if cfg.run.auto_resume else None
     if not path:
         return 0, []
     try:
@@ -275,46 +258,46 @@ def _resume(args, fc, optimizer, schedule: dict, info, logger) -> tuple[int, lis
         raise SystemExit(f"error: {e}") from None
     fc.load_state_dict(ckpt["fc"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    restore_rank_rng(ckpt.get("rng"), rank=info.rank, world_size=info.world_size, seed=args.seed,
+    restore_rank_rng(ckpt.get("rng"), rank=info.rank, world_size=info.world_size, seed=cfg.run.seed,
                      step=int(ckpt["epoch"]) * schedule["iters_per_epoch"], logger=logger)
     logger.info("resumed from %s after epoch %d", path, ckpt["epoch"])
     return int(ckpt["epoch"]), list(ckpt.get("history", []))
 
 
-def run(args, info, logger) -> dict:
+def run(cfg: LinearEvalConfig, info, logger) -> dict:
     try:
-        ckpt = load_checkpoint(args.pretrained)
+        ckpt = load_checkpoint(cfg.run.pretrained)
     except CheckpointError as e:
         raise SystemExit(f"error: --pretrained: {e}") from None
-    backbone = load_frozen_backbone(ckpt, args.pretrained, args.bn_train).to(info.device)
+    backbone = load_frozen_backbone(ckpt, cfg.run.pretrained, cfg.run.bn_train).to(info.device)
     try:
-        amp = resolve_amp(args.amp, info.device)
+        amp = resolve_amp(cfg.run.amp, info.device)
     except ValueError as e:
         raise SystemExit(f"error: --amp: {e}") from None
-    train_loader, sampler, val_loader, num_classes = build_loaders(args, info, ckpt.get("pixel") or PIXEL_CONVENTION)
+    train_loader, sampler, val_loader, num_classes = build_loaders(cfg, info, ckpt.get("pixel") or PIXEL_CONVENTION)
     with torch.no_grad():
         feat_dim = backbone(torch.zeros(1, 3, 64, 64, device=info.device)).shape[1]
-    seed_everything(args.seed)  # the same fc init on every rank
+    seed_everything(cfg.run.seed)  # the same fc init on every rank
     fc = nn.Linear(feat_dim, num_classes).to(info.device)
     nn.init.normal_(fc.weight, std=0.01)
     nn.init.zeros_(fc.bias)
-    seed_everything(args.seed, info.rank)
-    optimizer = torch.optim.SGD(fc.parameters(), lr=0.0, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    seed_everything(cfg.run.seed, info.rank)
+    optimizer = torch.optim.SGD(fc.parameters(), lr=0.0, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay)
     ipe = len(train_loader)
-    schedule = {"iters_per_epoch": ipe, "total_iters": ipe * args.epochs,
-                "warmup_iters": ipe * args.warmup_epoch,
-                "peak_lr": scaled_lr(args.base_lr, args.batch_size * info.world_size)}
+    schedule = {"iters_per_epoch": ipe, "total_iters": ipe * cfg.optim.epochs,
+                "warmup_iters": ipe * cfg.optim.warmup_epoch,
+                "peak_lr": scaled_lr(cfg.optim.base_lr, cfg.optim.batch_size * info.world_size)}
     lr_values = lr_schedule(schedule["peak_lr"], schedule["total_iters"], schedule["warmup_iters"],
-                            args.warmup_multiplier, args.eta_min)
-    start_epoch, history = _resume(args, fc, optimizer, schedule, info, logger)
+                            cfg.optim.warmup_multiplier, cfg.optim.eta_min)
+    start_epoch, history = _resume(cfg, fc, optimizer, schedule, info, logger)
     fc_ddp = DistributedDataParallel(fc, device_ids=[info.device] if info.device.type == "cuda" else None) \
         if info.distributed else fc
     logger.info("linear eval of %s (%s/%s): %d classes, %d-d features, %d it/epoch, BN %s",
-                args.pretrained, ckpt["arch"], ckpt["backbone"], num_classes, feat_dim, ipe,
-                "train mode" if args.bn_train else "eval mode")
-    progress = ProgressMeter(ipe * args.epochs, args.print_freq, logger)
-    for epoch in range(start_epoch, args.epochs):
+                cfg.run.pretrained, ckpt["arch"], ckpt["backbone"], num_classes, feat_dim, ipe,
+                "train mode" if cfg.run.bn_train else "eval mode")
+    progress = ProgressMeter(ipe * cfg.optim.epochs, cfg.run.print_freq, logger)
+    for epoch in range(start_epoch, cfg.optim.epochs):
         sampler.set_epoch(epoch)
         loss = train_epoch(backbone, fc_ddp, train_loader, optimizer, lr_values, epoch * ipe,
                            info.device, amp, progress)
@@ -324,36 +307,37 @@ def run(args, info, logger) -> dict:
         history.append(metrics)
         logger.info("epoch %d: top1 %.2f top5 %.2f (%d val images, %d unreadable)", epoch + 1,
                     metrics["top1"], metrics["top5"], metrics["num_images"], metrics["unreadable"])
-        save_now = (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs
+        save_now = (epoch + 1) % cfg.run.save_freq == 0 or epoch + 1 == cfg.optim.epochs
         rng = gather_rng_states() if save_now else None  # every rank takes part
         if info.is_main:
-            summary = {"pretrained": os.path.abspath(args.pretrained), "final": metrics,
+            summary = {"pretrained": os.path.abspath(cfg.run.pretrained), "final": metrics,
                        "best_top1": max(h["top1"] for h in history), "history": history}
-            atomic_save_json(summary, os.path.join(args.output_dir, "metrics.json"))
+            atomic_save_json(summary, os.path.join(cfg.run.output_dir, "metrics.json"))
             if save_now:
                 save_checkpoint({"format": "soco-linear", "version": 1, "fc": fc.state_dict(),
                                  "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                                 "config": config_to_dict(args), "history": history,
+                                 "config": config_to_dict(cfg), "history": history,
                                  "schedule": schedule, "rng": rng},
-                                args.output_dir, f"linear_epoch_{epoch + 1:04d}.pth",
-                                retention=Retention("linear_epoch_", args.keep_last, args.keep_every))
+                                cfg.run.output_dir, f"linear_epoch_{epoch + 1:04d}.pth",
+                                retention=Retention("linear_epoch_", cfg.run.keep_last, cfg.run.keep_every))
     sdist.barrier()
     return history[-1] if history else {}
 
 
+@exit_on_user_error
 def main(argv=None) -> dict:
-    args = parse_args_with_config(build_parser(), argv)
-    try:
-        info = sdist.init_distributed(args.device, args.dist_timeout)
-    except sdist.LaunchError as e:
-        raise SystemExit(f"error: {e}") from None
+    cfg = parse_config_or_exit(LinearEvalConfig, argv)
+    if not cfg.run.pretrained or not cfg.data.data:
+        raise SystemExit("error: --pretrained (a soco-pretrain checkpoint) and --data (a folder with "
+                         "train/<class>/ and val/<class>/) are required")
+    info = sdist.init_distributed(cfg.run.device, cfg.run.dist_timeout)
     if info.is_main:
-        check_writable_dir(args.output_dir)
-        save_config(args, os.path.join(args.output_dir, "config.yaml"))
+        check_writable_dir(cfg.run.output_dir)
+        save_config(cfg, os.path.join(cfg.run.output_dir, "config.yaml"))
     sdist.barrier()
-    logger = setup_logging(args.output_dir, info.rank, name="soco")
+    logger = setup_logging(cfg.run.output_dir, info.rank, name="soco")
     try:
-        return run(args, info, logger)
+        return run(cfg, info, logger)
     finally:
         sdist.cleanup_distributed()
 

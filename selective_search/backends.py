@@ -26,18 +26,12 @@ import warnings
 
 import numpy as np
 
+from selective_search.config import BACKEND_DEFAULTS, BACKENDS
 from selective_search.soco_ss import SOCO_TEXTURE_HIST_MAX, soco_regions
 from socokit.proposal_store import xywh_to_xyxy_inclusive
 
-BACKENDS = ("soco", "opencv-fast", "opencv-quality", "opencv-single")
-
-_DEFAULT_PARAMS = {
-    "soco": {"scale": 300, "sigma": 0.9, "min_size": 100},
-    # OpenCV's own defaults for each preset.
-    "opencv-fast": {"base_k": 150, "inc_k": 150, "sigma": 0.8},
-    "opencv-quality": {"base_k": 150, "inc_k": 150, "sigma": 0.8},
-    "opencv-single": {"k": 200, "sigma": 0.8},
-}
+# The names and default parameters live with the configuration (no heavy imports there).
+_DEFAULT_PARAMS = BACKEND_DEFAULTS
 
 CONTRIB_HINT = (
     "cv2.ximgproc is missing: a plain opencv-python wheel (pulled in, for example, by "

@@ -25,8 +25,9 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from selective_search.cli_help import DefaultsHelpFormatter
 from selective_search.filters import FilterStrategy, compact, filter_keep, parse_strategy
+from socokit.config import HelpFormatter, add_print_config_argument, parse_args_or_print
+from socokit.errors import exit_on_user_error
 from socokit.fileio import check_writable_dir
 from socokit.log import get_logger, setup_logging
 from socokit.proposal_store import ProposalStore, StoreError, write_store_arrays
@@ -37,7 +38,8 @@ MAX_LISTED_EMPTY = 1000  # images without boxes listed by path in meta.json
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=DefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
+    add_print_config_argument(p)
     p.add_argument("input", help="unfiltered proposal store (from generate_proposals.py)")
     p.add_argument("output", help="filtered proposal store folder to write")
     p.add_argument("--strategy", default="ratio3size0308",
@@ -140,8 +142,9 @@ def filter_store(input_path: str, output_path: str, strategy_name: str, post: bo
     return out
 
 
+@exit_on_user_error
 def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_args_or_print(build_parser(), argv)
     setup_logging(name="soco")
     if os.path.exists(args.output) and not args.overwrite:
         raise SystemExit(f"error: {args.output} already exists; pass --overwrite to replace it")

@@ -29,7 +29,13 @@ real work, so a broken install stops at once instead of publishing an empty stor
 
 from __future__ import annotations
 
-import argparse
+import sys
+
+if __name__ == "__main__":  # check the configuration before the heavy imports: a bad value fails fast
+    from selective_search.config import ProposalConfig
+    from socokit.config import parse_config_or_exit
+    parse_config_or_exit(ProposalConfig, sys.argv[1:])
+
 import collections
 import concurrent.futures as cf
 import json
@@ -43,95 +49,24 @@ import numpy as np
 from tqdm import tqdm
 
 from selective_search import backends, sharding
-from selective_search.cli_help import DefaultsHelpFormatter
-from socokit.config import add_config_argument, parse_args_with_config
+from selective_search.config import ProposalConfig
+from socokit.config import build_parser as build_config_parser
+from socokit.config import parse_config_or_exit
+from socokit.errors import exit_on_user_error
 from socokit.fileio import check_writable_dir
 from socokit.images import IMAGE_EXTENSIONS, ImageError, find_images, load_rgb_array
 from socokit.log import get_logger, setup_logging
 
 _WORKER_CFG: dict = {}  # set once per process by _init_worker
-BACKEND_FLAGS = ("scale", "sigma", "min_size", "base_k", "inc_k", "k")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=DefaultsHelpFormatter)
-    add_config_argument(p)
-    io = p.add_argument_group("input / output")
-    io.add_argument("--image-root", help="image folder, searched recursively (ImageNet train/ "
-                    "layout or any tree); store paths are relative to it. Required unless --merge")
-    io.add_argument("--coco-json", help="take the image list from this COCO annotation file "
-                    "('images[*].file_name', relative to --image-root) instead of a folder scan")
-    io.add_argument("--file-list", help="take the image list from this text file (one path "
-                    "relative to --image-root per line, e.g. written by --write-file-list) instead "
-                    "of walking the folder: array jobs then never re-walk a 1.28 M-image tree")
-    io.add_argument("--write-file-list", metavar="FILE", help="only list the images of "
-                    "--image-root (or --coco-json) into FILE, one per line, and exit")
-    io.add_argument("--output", help="proposal store folder to create "
-                    "(conventionally NAME.proposals); required unless --write-file-list")
-    io.add_argument("--overwrite", action="store_true",
-                    help="replace an existing store at --output")
-    alg = p.add_argument_group("selective search")
-    alg.add_argument("--backend", default="soco", choices=sorted(backends.BACKENDS),
-                     help="'soco' reproduces the original release (quirks included); "
-                          "'opencv-*' are OpenCV ximgproc strategies (different, faster boxes)")
-    alg.add_argument("--scale", type=float, default=None,
-                     help="soco: Felzenszwalb scale (default: 300 as the release)")
-    alg.add_argument("--sigma", type=float, default=None,
-                     help="Felzenszwalb Gaussian sigma (default: the backend's, 0.9 for soco, "
-                          "0.8 for opencv-*)")
-    alg.add_argument("--min-size", type=int, default=None,
-                     help="soco: Felzenszwalb minimum segment size in pixels (default: 100)")
-    alg.add_argument("--base-k", type=int, default=None,
-                     help="opencv-fast/-quality: first Felzenszwalb k (default: OpenCV's 150)")
-    alg.add_argument("--inc-k", type=int, default=None,
-                     help="opencv-fast/-quality: k increment between strategies (default: 150)")
-    alg.add_argument("--k", type=int, default=None,
-                     help="opencv-single: Felzenszwalb k (default: OpenCV's 200)")
-    alg.add_argument("--max-side", type=int, default=None,
-                     help="downscale images whose longer side exceeds this before the search "
-                          "(boxes are mapped back to the original frame); off = full resolution "
-                          "as the original")
-    run = p.add_argument_group("parallelism, sharding, resume")
-    run.add_argument("--workers", type=int, default=1, help="processes on this machine")
-    run.add_argument("--num-shards", type=int, default=None,
-                     help="total shards (default: torchrun's WORLD_SIZE, else 1)")
-    run.add_argument("--shard-id", type=int, default=None,
-                     help="this process's shard in 0..num-shards-1 "
-                          "(default: torchrun's RANK, else 0)")
-    run.add_argument("--work-dir", default=None,
-                     help="folder for chunk files, shared by all shards (default: OUTPUT.work)")
-    run.add_argument("--chunk-size", type=int, default=256,
-                     help="images per chunk file: the unit of resume (a kill loses at most the "
-                          "chunks in progress)")
-    run.add_argument("--steal", action="store_true",
-                     help="after this shard's chunks, also process other shards' chunks that no "
-                          "live worker holds (a dead worker's locks go stale), and wait until "
-                          "every chunk is done; the worker that sees the last chunk merges")
-    run.add_argument("--lock-timeout", type=float, default=900.0,
-                     help="seconds without progress after which another host's chunk lock is "
-                          "stale (a dead process on this host is detected at once)")
-    run.add_argument("--max-fail-fraction", type=float, default=0.5,
-                     help="stop when more than this fraction of a chunk's images fail (counted "
-                          "over the run while fewer than 10 images were seen): a broken install "
-                          "or image root, not bad images; the failing chunk is not written")
-    run.add_argument("--merge", action="store_true",
-                     help="only merge the finished chunks of --work-dir into --output")
-    run.add_argument("--no-merge", action="store_true",
-                     help="never merge automatically "
-                          "(by default shard 0 merges once all chunks exist)")
-    run.add_argument("--wait-for-shards", type=float, default=0.0,
-                     help="seconds shard 0 waits for other shards' chunks before merging")
-    run.add_argument("--keep-work-dir", action="store_true",
-                     help="keep the chunk files after a successful merge")
-    post = p.add_argument_group("optional filtering (same as filter_proposals.py)")
-    post.add_argument("--filter", default=None, metavar="STRATEGY",
-                      help="after the merge, also write a filtered store, e.g. ratio3size0308post "
-                           "(the released setting: filter + post step)")
-    post.add_argument("--filter-output", default=None,
-                      help="filtered store folder "
-                           "(default: OUTPUT with _STRATEGY before .proposals)")
-    return p
+#: The configuration class of this entry point (sections, options, validation).
+CONFIG = ProposalConfig
+
+
+def build_parser():
+    """The argparse parser of every option (from :class:`selective_search.config.ProposalConfig`)."""
+    return build_config_parser(ProposalConfig)
 
 
 def _init_worker(cfg: dict) -> None:
@@ -238,55 +173,37 @@ def write_file_list(relpaths: list[str], path: str) -> None:
             f.write(p + "\n")
 
 
-def list_images(args) -> list[str]:
+def list_images(cfg: ProposalConfig) -> list[str]:
     """The relative image paths of the job: --file-list as given, or the sorted folder scan /
     COCO json."""
-    if args.file_list:
-        return read_file_list(args.file_list)
-    if args.coco_json:
+    if cfg.io.file_list:
+        return read_file_list(cfg.io.file_list)
+    if cfg.io.coco_json:
         try:
-            with open(args.coco_json) as f:
+            with open(cfg.io.coco_json) as f:
                 coco = json.load(f)
             names = {im["file_name"] for im in coco["images"]}
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise SystemExit(f"error: {args.coco_json}: not a readable COCO annotation file "
+            raise SystemExit(f"error: {cfg.io.coco_json}: not a readable COCO annotation file "
                              f"({type(e).__name__}: {e})") from e
         relpaths = sorted(n.replace(os.sep, "/") for n in names)
         if not relpaths:
-            raise SystemExit(f"error: {args.coco_json} lists no images")
+            raise SystemExit(f"error: {cfg.io.coco_json} lists no images")
         return relpaths
-    relpaths = find_images(args.image_root)
+    relpaths = find_images(cfg.io.image_root)
     if not relpaths:
-        raise SystemExit(f"error: no images found under {args.image_root!r} "
+        raise SystemExit(f"error: no images found under {cfg.io.image_root!r} "
                          f"(searched recursively for {', '.join(IMAGE_EXTENSIONS)})")
     return relpaths
 
 
-def resolve_backend_params(args) -> dict:
-    """The backend's defaults updated with the flags the user gave (error if not applicable)."""
-    params = dict(backends.default_params(args.backend))
-    for name in BACKEND_FLAGS:
-        value = getattr(args, name)
-        if value is None:
-            continue
-        if name not in params:
-            flags = ", ".join("--" + p.replace("_", "-") for p in params)
-            raise SystemExit(f"error: backend {args.backend!r} has no parameter "
-                             f"--{name.replace('_', '-')} (it takes: {flags})")
-        params[name] = value
-    return params
-
-
-def resolve_shard(args) -> tuple[int, int]:
-    if (args.num_shards is None) != (args.shard_id is None):
-        raise SystemExit("error: give both --num-shards and --shard-id, or neither")
-    if args.num_shards is None:
+def resolve_shard(cfg: ProposalConfig) -> tuple[int, int]:
+    """(shard id, number of shards): the flags, else the launcher's RANK / WORLD_SIZE, else (0, 1)."""
+    if cfg.shard.num_shards is None:
         from socokit.distributed import shard_from_env  # imports torch: only when needed
 
         return shard_from_env()
-    if args.num_shards < 1 or not 0 <= args.shard_id < args.num_shards:
-        raise SystemExit(f"error: --shard-id {args.shard_id} is outside 0..{args.num_shards - 1}")
-    return args.shard_id, args.num_shards
+    return cfg.shard.shard_id, cfg.shard.num_shards
 
 
 def filtered_output_path(output: str, strategy: str) -> str:
@@ -295,15 +212,15 @@ def filtered_output_path(output: str, strategy: str) -> str:
     return f"{stem}_{strategy}.proposals"
 
 
-def check_outputs(args) -> None:
+def check_outputs(cfg: ProposalConfig) -> None:
     """Fails before any work if an output exists (without --overwrite) or is not writable."""
-    outs = [args.output] + ([args.filter_output] if args.filter else [])
+    outs = [cfg.io.output] + ([cfg.post.filter_output] if cfg.post.filter else [])
     for out in outs:
-        if os.path.exists(out) and not args.overwrite:
+        if os.path.exists(out) and not cfg.io.overwrite:
             raise SystemExit(f"error: {out} already exists; pass --overwrite to replace it")
         check_writable_dir(os.path.dirname(os.path.abspath(out)))
-    if not args.merge:  # a merge only reads the work folder (and deletes it at the end)
-        check_writable_dir(args.work_dir)
+    if not cfg.shard.merge:  # a merge only reads the work folder (and deletes it at the end)
+        check_writable_dir(cfg.shard.work_dir)
 
 
 def synthetic_image(height: int = 96, width: int = 128) -> np.ndarray:
@@ -453,11 +370,11 @@ def log_summary(log, title: str, images: int, boxes: int, without_boxes: int,
         log.info(f"  ... and {len(unreadable) - 20} more (listed in the store's meta.json)")
 
 
-def merge_and_finish(args, log) -> None:
+def merge_and_finish(cfg: ProposalConfig, log) -> None:
     """Merges all chunks into --output, then optionally filters; removes the work folder."""
-    manifest_path = os.path.join(args.work_dir, sharding.MANIFEST)
+    manifest_path = os.path.join(cfg.shard.work_dir, sharding.MANIFEST)
     if not os.path.isfile(manifest_path):
-        raise SystemExit(f"error: {args.work_dir} has no {sharding.MANIFEST}: nothing to merge "
+        raise SystemExit(f"error: {cfg.shard.work_dir} has no {sharding.MANIFEST}: nothing to merge "
                          "(wrong --work-dir?)")
     try:
         with open(manifest_path) as f:
@@ -466,88 +383,79 @@ def merge_and_finish(args, log) -> None:
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise SystemExit(f"error: {manifest_path}: unreadable work-folder manifest ({e})") from e
     meta = dict(manifest["meta"], created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    store = sharding.merge_chunks(args.work_dir, total, args.output, meta)
+    store = sharding.merge_chunks(cfg.shard.work_dir, total, cfg.io.output, meta)
     m = store.meta
-    log_summary(log, f"store {args.output}", m["num_images"] + m["num_unreadable"],
+    log_summary(log, f"store {cfg.io.output}", m["num_images"] + m["num_unreadable"],
                 m["num_boxes"], m["num_images_without_boxes"], m["unreadable"])
-    if not args.keep_work_dir:
-        shutil.rmtree(args.work_dir, ignore_errors=True)
-    if args.filter:
+    if not cfg.shard.keep_work_dir:
+        shutil.rmtree(cfg.shard.work_dir, ignore_errors=True)
+    if cfg.post.filter:
         from selective_search.filter_proposals import filter_store
 
-        filter_store(args.output, args.filter_output, args.filter, log=log)
+        filter_store(cfg.io.output, cfg.post.filter_output, cfg.post.filter, log=log)
 
 
+@exit_on_user_error
 def main(argv=None) -> None:
-    args = parse_args_with_config(build_parser(), argv)
-    if args.write_file_list:
-        if not args.image_root:
+    cfg = parse_config_or_exit(ProposalConfig, argv)
+    if cfg.io.write_file_list:
+        if not cfg.io.image_root:
             raise SystemExit("error: --write-file-list needs --image-root")
-        relpaths = list_images(args)
-        write_file_list(relpaths, args.write_file_list)
-        print(f"wrote {len(relpaths)} image paths to {args.write_file_list}")
+        relpaths = list_images(cfg)
+        write_file_list(relpaths, cfg.io.write_file_list)
+        print(f"wrote {len(relpaths)} image paths to {cfg.io.write_file_list}")
         return
-    if not args.output:
+    if not cfg.io.output:
         raise SystemExit("error: --output is required (unless --write-file-list)")
-    if not 0.0 <= args.max_fail_fraction <= 1.0:
-        raise SystemExit("error: --max-fail-fraction must be in [0, 1]")
-    args.work_dir = args.work_dir or args.output.rstrip("/") + ".work"
-    if args.filter:
-        from selective_search.filters import parse_strategy
-
-        try:
-            parse_strategy(args.filter)
-        except ValueError as e:
-            raise SystemExit(f"error: --filter: {e}") from e
-        args.filter_output = args.filter_output or filtered_output_path(args.output, args.filter)
-    shard_id, num_shards = resolve_shard(args)
-    log = setup_logging(rank=shard_id if num_shards > 1 else 0, name="soco")
+    cfg.shard.work_dir = cfg.shard.work_dir or cfg.io.output.rstrip("/") + ".work"
+    if cfg.post.filter:
+        cfg.post.filter_output = cfg.post.filter_output or filtered_output_path(cfg.io.output, cfg.post.filter)
+    shard_id, num_shards = resolve_shard(cfg)
+    setup_logging(rank=shard_id if num_shards > 1 else 0, name="soco")
     log = get_logger("soco.selective_search")
-    if args.workers < 1 or args.chunk_size < 1:
-        raise SystemExit("error: --workers and --chunk-size must be >= 1")
-    check_outputs(args)
-    if args.merge:
-        merge_and_finish(args, log)
+    check_outputs(cfg)
+    if cfg.shard.merge:
+        merge_and_finish(cfg, log)
         return
-    if not args.image_root:
+    if not cfg.io.image_root:
         raise SystemExit("error: --image-root is required (unless --merge)")
-    params = resolve_backend_params(args)
-    relpaths = list_images(args)
-    image_root = os.path.abspath(args.image_root)
+    params = cfg.search.backend_params()
+    relpaths = list_images(cfg)
+    image_root = os.path.abspath(cfg.io.image_root)
     job = {"num_images": len(relpaths), "paths_sha256": sharding.paths_digest(relpaths),
-           "backend": args.backend, "backend_params": params, "max_side": args.max_side,
-           "chunk_size": args.chunk_size}
-    meta = {"backend": args.backend, "backend_params": params, "max_side": args.max_side,
-            "filter": None, "image_root": image_root, "coco_json": args.coco_json}
-    sharding.prepare_work_dir(args.work_dir, {"job": job, "image_root": image_root, "meta": meta})
-    cfg = {"image_root": image_root, "backend": args.backend, "max_side": args.max_side,
-           "params": params}
-    log.info(f"backend self-test: {self_test_backend(cfg)} boxes on a synthetic image")
+           "backend": cfg.search.backend, "backend_params": params, "max_side": cfg.search.max_side,
+           "chunk_size": cfg.shard.chunk_size}
+    meta = {"backend": cfg.search.backend, "backend_params": params, "max_side": cfg.search.max_side,
+            "filter": None, "image_root": image_root, "coco_json": cfg.io.coco_json}
+    sharding.prepare_work_dir(cfg.shard.work_dir, {"job": job, "image_root": image_root, "meta": meta})
+    worker_cfg = {"image_root": image_root, "backend": cfg.search.backend, "max_side": cfg.search.max_side,
+                  "params": params}
+    log.info(f"backend self-test: {self_test_backend(worker_cfg)} boxes on a synthetic image")
     start = time.time()
-    stats = run_shard(relpaths, cfg, args.chunk_size, args.work_dir, shard_id, num_shards,
-                      args.workers, log, steal=args.steal, lock_timeout=args.lock_timeout,
-                      max_fail_fraction=args.max_fail_fraction)
+    stats = run_shard(relpaths, worker_cfg, cfg.shard.chunk_size, cfg.shard.work_dir, shard_id, num_shards,
+                      cfg.shard.workers, log, steal=cfg.shard.steal, lock_timeout=cfg.shard.lock_timeout,
+                      max_fail_fraction=cfg.shard.max_fail_fraction)
     elapsed = time.time() - start
     log_summary(log, f"shard {shard_id}/{num_shards} done in {elapsed:.1f}s "
                 f"({stats['images'] / max(elapsed, 1e-9):.2f} images/s)", stats["images"],
                 stats["boxes"], stats["without_boxes"], stats["unreadable"])
-    if args.no_merge or (shard_id != 0 and num_shards > 1 and not args.steal):
+    if cfg.shard.no_merge or (shard_id != 0 and num_shards > 1 and not cfg.shard.steal):
         return
-    total = sharding.num_chunks(len(relpaths), args.chunk_size)
-    deadline = time.time() + args.wait_for_shards
-    missing = sharding.missing_chunks(args.work_dir, total)
+    total = sharding.num_chunks(len(relpaths), cfg.shard.chunk_size)
+    deadline = time.time() + cfg.shard.wait_for_shards
+    missing = sharding.missing_chunks(cfg.shard.work_dir, total)
     while missing and time.time() < deadline:
         time.sleep(min(10.0, max(0.1, deadline - time.time())))
-        missing = sharding.missing_chunks(args.work_dir, total)
+        missing = sharding.missing_chunks(cfg.shard.work_dir, total)
     if missing:
         log.info(f"{len(missing)} of {total} chunks belong to shards that have not finished; "
-                 f"when they have, run: {os.path.basename(__file__)} --output {args.output} "
-                 f"--work-dir {args.work_dir} --merge")
+                 f"when they have, run: {os.path.basename(__file__)} --output {cfg.io.output} "
+                 f"--work-dir {cfg.shard.work_dir} --merge")
         return
-    if args.steal and not _take_merge_lock(args.work_dir):
+    if cfg.shard.steal and not _take_merge_lock(cfg.shard.work_dir):
         log.info("another worker is merging (or has merged) the chunks")
         return
-    merge_and_finish(args, log)
+    merge_and_finish(cfg, log)
 
 
 def _take_merge_lock(work_dir: str) -> bool:

@@ -26,6 +26,8 @@ import re
 import numpy as np
 from tqdm import tqdm
 
+from socokit.config import add_print_config_argument, parse_args_or_print
+from socokit.errors import exit_on_user_error
 from socokit.fileio import atomic_write, check_writable_dir
 from socokit.images import ImageError, find_images, image_size
 from socokit.log import get_logger, setup_logging
@@ -249,6 +251,7 @@ def import_json(json_path: str, image_root: str, store_path: str, filter_name: s
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_print_config_argument(p)
     sub = p.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("export", help="proposal store -> original JSON")
     ex.add_argument("store", help="proposal store folder")
@@ -266,8 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@exit_on_user_error
 def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_args_or_print(build_parser(), argv)
     log = setup_logging(name="soco")
     out = args.json if args.command == "export" else args.store
     if os.path.exists(out) and not args.overwrite:

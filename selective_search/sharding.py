@@ -41,6 +41,7 @@ import zipfile
 
 import numpy as np
 
+from socokit.errors import WorkFolderError
 from socokit.fileio import atomic_save_json, atomic_write
 from socokit.proposal_store import ProposalStore, write_store_arrays
 
@@ -91,7 +92,7 @@ def prepare_work_dir(work_dir: str, manifest: dict) -> None:
     are informative.
 
     Raises:
-        SystemExit: the work folder belongs to a different job (other images, backend,
+        WorkFolderError: the work folder belongs to a different job (other images, backend,
             parameters or chunk size); its chunks would mix two runs.
     """
     path = os.path.join(work_dir, MANIFEST)
@@ -100,13 +101,13 @@ def prepare_work_dir(work_dir: str, manifest: dict) -> None:
             with open(path) as f:
                 old = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
-            raise SystemExit(f"error: {path}: unreadable work-folder manifest ({e}); "
-                             "delete the work folder to start over") from e
+            raise WorkFolderError(f"{path}: unreadable work-folder manifest ({e}); "
+                                  "delete the work folder to start over") from e
         old_job, new_job = old.get("job", {}), manifest.get("job", {})
         diff = sorted(k for k in set(old_job) | set(new_job) if old_job.get(k) != new_job.get(k))
         if diff:
-            raise SystemExit(
-                f"error: work folder {work_dir} holds chunks of a different job (differs in: "
+            raise WorkFolderError(
+                f"work folder {work_dir} holds chunks of a different job (differs in: "
                 f"{', '.join(diff)}); use another --work-dir or delete this one")
         return
     os.makedirs(os.path.join(work_dir, CHUNK_DIR), exist_ok=True)
@@ -142,14 +143,14 @@ def read_chunk(path: str, keys: tuple[str, ...] = CHUNK_KEYS) -> dict:
     """Loads (some of) the arrays of a chunk file.
 
     Raises:
-        SystemExit: the file is unreadable (delete it and rerun to regenerate it).
+        WorkFolderError: the file is unreadable (delete it and rerun to regenerate it).
     """
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in keys}
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
-        raise SystemExit(f"error: chunk file {path} is unreadable ({e}); delete it and rerun "
-                         "the generation to regenerate it") from e
+        raise WorkFolderError(f"chunk file {path} is unreadable ({e}); delete it and rerun "
+                              "the generation to regenerate it") from e
 
 
 def merge_chunks(work_dir: str, total_chunks: int, out_path: str, meta: dict) -> ProposalStore:
@@ -160,13 +161,13 @@ def merge_chunks(work_dir: str, total_chunks: int, out_path: str, meta: dict) ->
     a raw (unfiltered) ImageNet store of several GB.
 
     Raises:
-        SystemExit: chunks are missing (their shards have not finished) or unreadable.
+        WorkFolderError: chunks are missing (their shards have not finished) or unreadable.
     """
     missing = missing_chunks(work_dir, total_chunks)
     if missing:
-        raise SystemExit(f"error: cannot merge: {len(missing)} of {total_chunks} chunks are not "
-                         f"finished yet (first missing: {chunk_path(work_dir, missing[0])}); "
-                         "run the remaining shards first")
+        raise WorkFolderError(f"cannot merge: {len(missing)} of {total_chunks} chunks are not "
+                              f"finished yet (first missing: {chunk_path(work_dir, missing[0])}); "
+                              "run the remaining shards first")
     counts_list, sizes_list, paths, unreadable = [], [], [], []
     for k in range(total_chunks):  # pass 1: everything but the boxes
         c = read_chunk(chunk_path(work_dir, k), ("paths", "sizes", "counts", "ok", "reasons"))

@@ -15,7 +15,8 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
-from selective_search.cli_help import DefaultsHelpFormatter
+from socokit.config import HelpFormatter, add_print_config_argument, parse_args_or_print
+from socokit.errors import exit_on_user_error
 from socokit.fileio import atomic_write, check_writable_dir
 from socokit.images import ImageError, load_rgb
 from socokit.proposal_store import ProposalStore, StoreError
@@ -87,7 +88,8 @@ def render_grid(store_path: str, image_root: str, num: int = 16, tile: int = 256
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=DefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
+    add_print_config_argument(p)
     p.add_argument("store", help="proposal store folder")
     p.add_argument("--image-root", default=None,
                    help="image folder the store's paths are relative to (default: meta image_root)")
@@ -101,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@exit_on_user_error
 def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_args_or_print(build_parser(), argv)
     if args.num < 1 or args.tile < 16:
         raise SystemExit("error: --num must be >= 1 and --tile >= 16")
     check_writable_dir(os.path.dirname(os.path.abspath(args.out)))

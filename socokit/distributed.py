@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from socokit.errors import ConfigError, LaunchError  # noqa: F401  (LaunchError re-exported)
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -45,15 +47,11 @@ def _resolve_device(device: str, local_rank: int) -> torch.device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise SystemExit("error: --device cuda requested but no CUDA device is available")
+            raise ConfigError(f"device: {device!r} requested but no CUDA device is available", "device", device)
         if device == "cuda":
             device = f"cuda:{local_rank % torch.cuda.device_count()}"
         torch.cuda.set_device(torch.device(device))
     return torch.device(device)
-
-
-class LaunchError(ValueError):
-    """The launcher's environment is inconsistent (rank outside the world, bad node list)."""
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -193,13 +191,6 @@ def init_distributed(device: str = "auto", timeout_minutes: float | None = None)
     return DistInfo(rank, world_size, local_rank, dev, distributed)
 
 
-def add_launch_args(group) -> None:
-    """Add ``--dist-timeout`` (minutes) to an argparse group."""
-    group.add_argument("--dist-timeout", type=float, default=None,
-                       help="minutes a collective waits for the other processes before the job "
-                            "fails (default: torch's, 10 for NCCL); raise it for long rank-0 work")
-
-
 def cleanup_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -274,9 +265,10 @@ def broadcast_object(obj, src: int = 0):
 
 def shard_from_env() -> tuple[int, int]:
     """(shard_id, num_shards) from torchrun's RANK / WORLD_SIZE or a plain srun step, without a
-    process group."""
-    try:
-        launch = launch_env()
-    except LaunchError as e:
-        raise SystemExit(f"error: {e}") from None
+    process group.
+
+    Raises:
+        LaunchError: the launcher's variables are inconsistent.
+    """
+    launch = launch_env()
     return launch.rank, launch.world_size

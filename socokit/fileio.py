@@ -20,6 +20,8 @@ import pickle
 import tempfile
 import zipfile
 
+from socokit.errors import CheckpointError, OutputPathError  # noqa: F401  (CheckpointError re-exported)
+
 
 def current_umask() -> int:
     """The process umask, read without changing it where the kernel reports it (Linux >= 4.7).
@@ -57,10 +59,6 @@ def make_temp_dir(prefix: str, dir: str) -> str:
     tmp = tempfile.mkdtemp(prefix=prefix, dir=dir)
     os.chmod(tmp, dir_mode())
     return tmp
-
-
-class CheckpointError(Exception):
-    """A checkpoint file is missing, truncated, not a checkpoint, or unsafe to load."""
 
 
 @contextlib.contextmanager
@@ -134,7 +132,7 @@ def check_writable_dir(path: str) -> str:
     """Create ``path`` if needed and check that files can be written in it.
 
     Raises:
-        SystemExit: naming the folder, when it cannot be created or written.
+        OutputPathError: naming the folder, when it cannot be created or written.
     """
     path = os.fspath(path)
     try:
@@ -143,5 +141,5 @@ def check_writable_dir(path: str) -> str:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise SystemExit(f"error: output folder {path!r} is not writable: {e.strerror or e}") from e
+        raise OutputPathError(f"output folder {path!r} is not writable: {e.strerror or e}") from e
     return path

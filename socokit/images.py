@@ -14,19 +14,12 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from socokit.errors import ImageError, InputPathError  # noqa: F401  (ImageError re-exported)
+
 # Never silently pad a truncated JPEG with grey: a truncated file is an error.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
-
-
-class ImageError(Exception):
-    """An image file that cannot be used; ``path`` and ``reason`` say which and why."""
-
-    def __init__(self, path: str, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
 
 
 def find_images(root: str) -> list[str]:
@@ -35,10 +28,10 @@ def find_images(root: str) -> list[str]:
     Hidden files and folders (names starting with '.') are skipped.
 
     Raises:
-        SystemExit: ``root`` is not a folder.
+        InputPathError: ``root`` is not a folder.
     """
     if not os.path.isdir(root):
-        raise SystemExit(f"error: image folder {root!r} does not exist or is not a folder")
+        raise InputPathError(f"image folder {root!r} does not exist or is not a folder")
     out = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))

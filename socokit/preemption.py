@@ -47,17 +47,11 @@ class Preempted(Exception):
         self.signal_name, self.step = signal_name, step
 
 
-def add_preemption_args(group) -> None:
-    """Add ``--save-on-signal`` / ``--no-save-on-signal`` to an argparse group."""
-    import argparse
-
-    group.add_argument("--save-on-signal", action=argparse.BooleanOptionalAction, default=True,
-                       help=f"on {' or '.join(DEFAULT_SIGNALS)}, save at the next step boundary "
-                            f"and exit with status {REQUEUE_EXIT_CODE} so the job can be requeued")
-
-
 def watcher_from_args(args, device) -> "PreemptionWatcher":
-    """A watcher for the default signals, or an inert one with ``--no-save-on-signal``."""
+    """A watcher for the default signals, or an inert one with ``--no-save-on-signal``.
+
+    ``args``: anything with a ``save_on_signal`` attribute (a run configuration section).
+    """
     return PreemptionWatcher(DEFAULT_SIGNALS if args.save_on_signal else (), device)
 
 

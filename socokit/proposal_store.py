@@ -25,6 +25,7 @@ import shutil
 import time
 
 import numpy as np
+from socokit.errors import StoreError  # noqa: F401  (re-exported)
 
 from socokit.fileio import make_temp_dir
 
@@ -49,10 +50,6 @@ def xyxy_inclusive_to_xywh(boxes_xyxy) -> np.ndarray:
     out[:, 2] = a[:, 2] - a[:, 0] + 1
     out[:, 3] = a[:, 3] - a[:, 1] + 1
     return out.astype(np.int32)
-
-
-class StoreError(Exception):
-    """A proposal store folder is missing, incomplete or of an unknown format."""
 
 
 class ProposalStore:

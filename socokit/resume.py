@@ -34,14 +34,11 @@ from torch.utils.data import DistributedSampler
 
 from socokit import distributed as sdist
 from socokit.checkpoint import capture_rng_state, restore_rng_state
+from socokit.errors import ResumeError
 from socokit.training import seed_everything
 
 __all__ = ["ResumeError", "ResumableDistributedSampler", "SampleKey", "check_schedule",
            "gather_rng_states", "restore_rank_rng", "sample_seed"]
-
-
-class ResumeError(ValueError):
-    """A checkpoint cannot continue this run (other format, architecture or schedule)."""
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

@@ -29,18 +29,6 @@ from socokit.log import get_logger
 DEFAULTS = {"epochs": (2, 50), "iterations": (2, 0)}
 
 
-def add_retention_args(group, unit: str = "epochs") -> None:
-    """Add ``--keep-last`` and ``--keep-every`` (counted in ``unit``) to an argparse group."""
-    keep_last, keep_every = DEFAULTS[unit]
-    group.add_argument("--keep-last", type=int, default=keep_last,
-                       help="keep only the newest K numbered checkpoints, plus the --keep-every "
-                            "milestones (0 = keep all); current.pth and final files are never "
-                            "deleted")
-    group.add_argument("--keep-every", type=int, default=keep_every,
-                       help=f"also keep checkpoints whose {unit[:-1]} number is a multiple of N "
-                            "(0 = none)")
-
-
 def numbered_checkpoints(output_dir: str, prefix: str) -> dict[int, str]:
     """``{number: path}`` of the files ``PREFIX<digits>.pth`` in ``output_dir``."""
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.pth$")

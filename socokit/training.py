@@ -12,6 +12,8 @@ import numpy as np
 import torch
 
 from socokit import distributed as sdist
+from socokit.config import AMP_MODES
+from socokit.errors import ConfigError, NonFiniteLossError  # noqa: F401  (NonFiniteLossError re-exported)
 from socokit.log import get_logger
 
 
@@ -35,10 +37,6 @@ def seed_worker(worker_id: int) -> None:
     s = torch.initial_seed() % 2**32
     np.random.seed(s)
     random.seed(s)
-
-
-class NonFiniteLossError(RuntimeError):
-    """The all-reduced loss became NaN or infinite; every rank raises it at the same step."""
 
 
 def check_finite(loss: torch.Tensor, *, step: int, lr: float, scale: float | None = None,
@@ -153,9 +151,8 @@ class TensorboardWriter:
             self.writer.close()
 
 
-AMP_CHOICES = ("none", "bf16", "fp16")
-#: what ``--amp`` accepts in every entry point: a resolved mode or "auto" (see :func:`resolve_amp`).
-AMP_MODES = ("auto",) + AMP_CHOICES
+#: the resolved modes; what ``--amp`` accepts (these and "auto") is ``socokit.config.AMP_MODES``.
+AMP_CHOICES = tuple(m for m in AMP_MODES if m != "auto")
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:
@@ -196,7 +193,7 @@ def autocast_context(device: torch.device, amp: str = "none"):
         return contextlib.nullcontext()
     device = torch.device(device)
     if amp == "fp16" and device.type != "cuda":
-        raise SystemExit("error: --amp fp16 needs CUDA; use --amp bf16 or none on CPU")
+        raise ConfigError("amp: 'fp16' needs CUDA; use bf16 or none on CPU", "amp", amp)
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
 

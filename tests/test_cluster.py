@@ -444,16 +444,19 @@ def _template_env(tmp_path, **extra):
 
 
 def _parse_entry(script: str, argv: list[str]):
-    from socokit.config import parse_args_with_config
+    """The entry point's validated configuration, flattened (attribute per option)."""
+    import argparse
+
+    from socokit.config import parse_config
 
     if script.endswith("pretrain/train.py"):
-        from pretrain.train import build_parser
+        from pretrain.config import PretrainConfig as config
     elif script.endswith("transfer/finetune.py"):
-        from transfer.finetune import build_parser
+        from transfer.config import FinetuneConfig as config
     else:
         assert script.endswith("selective_search/generate_proposals.py"), script
-        from selective_search.generate_proposals import build_parser
-    return parse_args_with_config(build_parser(), argv)
+        from selective_search.config import ProposalConfig as config
+    return argparse.Namespace(**parse_config(config, argv).to_dict())
 
 
 @pytest.mark.parametrize("template", ["pretrain_torchrun", "pretrain_srun", "finetune_torchrun",
@@ -517,12 +520,13 @@ class _Quadratic(torch.nn.Module):
 def _finetune_run(out, signal_at=None, start=None):
     from socokit.preemption import PreemptionWatcher
     from transfer.engine import TrainState, train
+    from transfer.solver import Schedule
 
     torch.manual_seed(0)
     model = _Quadratic()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    state = TrainState(opt, torch.amp.GradScaler("cpu", enabled=False), max_iter=6, lr=0.1,
-                       steps=(4,), warmup_iters=0)
+    state = TrainState(optimizer=opt, scaler=torch.amp.GradScaler("cpu", enabled=False),
+                       schedule=Schedule(max_iter=6, steps=(4,), warmup_iters=0, lr=0.1))
     if start is not None:
         model.load_state_dict(start["model"])
         opt.load_state_dict(start["optimizer"])

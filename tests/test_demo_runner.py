@@ -1,4 +1,5 @@
 """The end-to-end demo's stage commands parse with the entry points they call."""
+import argparse
 import importlib
 import importlib.util
 import os
@@ -6,7 +7,7 @@ import sys
 
 import pytest
 
-from socokit.config import parse_args_with_config
+from socokit.config import parse_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = {"pretrain/train.py": "pretrain.train", "transfer/finetune.py": "transfer.finetune",
@@ -38,11 +39,11 @@ def test_every_stage_command_parses(extra):
             continue
         script, argv = cmd[1], cmd[2:]
         assert os.path.isfile(os.path.join(REPO, script)), script
-        parser = importlib.import_module(MODULES[script]).build_parser()
-        if "--config" in argv:  # recipe keys become defaults, flags override them
-            parsed = parse_args_with_config(parser, argv)
+        module = importlib.import_module(MODULES[script])
+        if hasattr(module, "CONFIG"):  # typed configuration: recipe + flags, validated
+            parsed = argparse.Namespace(**parse_config(module.CONFIG, argv).to_dict())
         else:
-            parsed = parser.parse_args(argv)
+            parsed = module.build_parser().parse_args(argv)
         if script == "transfer/finetune.py":
             assert parsed.output_dir.startswith(args.out)
             if "--finetune-iters" in extra:

@@ -5,6 +5,8 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from socokit.backbones import build_box_head, build_c4_backbone, build_fpn_backbone, build_res5_head
+from socokit.errors import CheckpointError, ConfigError, IncompatibleWeightsError
+from transfer.config import DetectorConfig
 from transfer.detinit import save_detection_init
 from transfer.finetune import resolve_pixel
 from transfer.models import DETECTORS, apply_frozen_stages, build_detector, has_masks
@@ -168,22 +170,24 @@ def test_detinit_loads_strictly_per_part(tmp_path):
     assert all(torch.equal(msd[k], v) for k, v in sd.items())
     assert report["new"] and all(k.startswith(("rpn.", "roi_heads.box_predictor", "roi_heads.mask_"))
                                  for k in report["new"])
-    pixel = resolve_pixel(type("A", (), {"pixel_mean": None, "pixel_std": None})(), got_meta)
+    pixel = resolve_pixel(DetectorConfig(), got_meta)
     assert pixel["range"] == 255.0
-    with pytest.raises(SystemExit, match="contradict"):
-        resolve_pixel(type("A", (), {"pixel_mean": [0.5, 0.5, 0.5], "pixel_std": None})(), got_meta)
+    with pytest.raises(ConfigError, match="pixel_mean: .*contradict"):
+        resolve_pixel(DetectorConfig(pixel_mean=(0.5, 0.5, 0.5)), got_meta)
     # backbone part only: FPN and head stay fresh
     fresh = build_detector("maskrcnn_fpn", norm="bn", **TINY)
     report, _ = initialise_detector(fresh, path, parts=["backbone"])
     assert any(k.startswith("backbone.fpn.") for k in report["new"])
     # a GN model cannot take BN statistics: strict error naming the file
     gn = build_detector("maskrcnn_fpn", norm={"fpn": "gn", "backbone": "bn", "box_head": "bn", "mask_head": "bn"}, **TINY)
-    with pytest.raises(SystemExit, match="det.pth"):
+    with pytest.raises(IncompatibleWeightsError, match="det.pth: the detector does not match"):
         initialise_detector(gn, path)
     # an FPN file does not fit RetinaNet's P3-P7 FPN unless restricted to the backbone
     retina = build_detector("retinanet", norm="bn", **TINY)
-    with pytest.raises(SystemExit):
+    with pytest.raises(IncompatibleWeightsError, match="part 'box_head' has no counterpart"):
         initialise_detector(retina, path)
+    with pytest.raises(ConfigError, match=r"init_parts: \['res5'\] are not among the parts"):
+        initialise_detector(retina, path, parts=["res5"])
     report, _ = initialise_detector(retina, path, parts=["backbone"])
     assert report["loaded"] == sum(k.startswith("backbone.body.") for k in sd)
 
@@ -215,5 +219,8 @@ def test_torchvision_supervised_init(tmp_path):
     report, meta = initialise_detector(model, f"torchvision-supervised:{path}", c4=True)
     assert meta["parts"] == ["backbone", "res5"]
     assert torch.equal(model.state_dict()["roi_heads.box_head.res5.1.conv2.weight"], net.layer4[1].conv2.weight)
-    with pytest.raises(SystemExit, match="no such checkpoint"):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
         initialise_detector(model, f"torchvision-supervised:{tmp_path / 'missing.pth'}", c4=True)
+    torch.save({"weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="not a torchvision ResNet state dict"):
+        initialise_detector(model, f"torchvision-supervised:{tmp_path / 'other.pth'}", c4=True)

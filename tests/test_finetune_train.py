@@ -150,12 +150,15 @@ def test_solov2_two_processes_match_one(demo, tmp_path):
 def test_schedule_scaling_and_nan_stop():
     from socokit.training import NonFiniteLossError, make_grad_scaler
     from transfer.engine import TrainState, train_step
-    from transfer.solver import build_optimizer, lr_at, resolve_schedule
+    from transfer.config import SolverConfig
+    from transfer.solver import Schedule, build_optimizer, lr_at, resolve_schedule
 
-    s = resolve_schedule("1x", None, None, 1000, 0.02, total_batch=32)
-    assert s["max_iter"] == 45_000 and s["steps"] == (30_000, 40_000) and s["warmup_iters"] == 500
-    assert s["lr"] == pytest.approx(0.04)
-    assert resolve_schedule("6x", None, None, 1000, 0.02, total_batch=16)["steps"] == (480_000, 520_000)
+    s = resolve_schedule(SolverConfig(schedule="1x"), total_batch=32)
+    assert s.max_iter == 45_000 and s.steps == (30_000, 40_000) and s.warmup_iters == 500
+    assert s.lr == pytest.approx(0.04) and s.factor == 0.5
+    assert resolve_schedule(SolverConfig(schedule="6x"), total_batch=16).steps == (480_000, 520_000)
+    explicit = resolve_schedule(SolverConfig(schedule="1x", max_iter=100, steps=(50,), scale_lr=False), 32)
+    assert (explicit.max_iter, explicit.steps, explicit.lr) == (100, (50,), 0.02)
     assert lr_at(0, 0.02, (60, 80), 10) == pytest.approx(0.02 * 0.001)
     assert lr_at(10, 0.02, (60, 80), 10) == pytest.approx(0.02)
     assert lr_at(85, 0.02, (60, 80), 10) == pytest.approx(0.0002)
@@ -169,7 +172,8 @@ def test_schedule_scaling_and_nan_stop():
             return {"loss": self.w * float("nan")}
 
     model = Diverged()
-    state = TrainState(build_optimizer(model, 0.1), make_grad_scaler("cpu", "none"), 10, 0.1, (), 0)
+    state = TrainState(optimizer=build_optimizer(model, 0.1), scaler=make_grad_scaler("cpu", "none"),
+                       schedule=Schedule(max_iter=10, steps=(), warmup_iters=0, lr=0.1))
     batch = ([torch.zeros(3, 4, 4, dtype=torch.uint8)], [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0)}])
     with pytest.raises(NonFiniteLossError, match="step 0"):
         train_step(model, [batch], state, torch.device("cpu"))
@@ -178,14 +182,14 @@ def test_schedule_scaling_and_nan_stop():
 
 def test_every_recipe_parses_and_scripts_exist():
     import glob
-    from socokit.config import parse_args_with_config
-    from transfer.finetune import build_parser
+    from socokit.config import parse_config
+    from transfer.config import FinetuneConfig
     recipes = sorted(glob.glob(os.path.join(REPO, "transfer", "configs", "*.yaml")))
     assert len(recipes) >= 10
     for path in recipes:
-        args = parse_args_with_config(build_parser(), ["--config", path])
-        assert args.schedule or args.max_iter, path
-        assert args.val_ann and args.train_ann, path
+        cfg = parse_config(FinetuneConfig, ["--config", path])
+        assert cfg.solver.max_iter_and_steps()[0] >= 500, path
+        assert cfg.data.val_ann and cfg.data.train_ann, path
     scripts = sorted(set(glob.glob(os.path.join(REPO, "scripts", "finetune_*.sh")))
                      - {os.path.join(REPO, "scripts", "finetune_demo_cpu.sh")})  # needs data/demo
     assert len(scripts) >= 6

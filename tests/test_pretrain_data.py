@@ -9,11 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
+from pretrain.config import PretrainDataConfig as D
 from pretrain.data import AUGS, UnreadableImagesError, build_pretrain_dataset
 from pretrain.data import box_views as bv
 from pretrain.data.augment import cutout_in_boxes_
 from pretrain.data.pipelines import SET_VIEWS, make_geometry, make_tensors
 from pretrain.data.views import CropParams, sample_rrc_params, whole_image_params
+from socokit.errors import ConfigError, InputPathError
 from socokit.proposal_store import ProposalStore, write_store
 from socokit.training import seed_worker
 
@@ -100,19 +102,19 @@ def test_view_pairs_and_options(data_dir):
     assert star.view_pairs == [(0, 0, 1, 3, 0), (0, 1, 2, 4, 1), (0, 2, 3, 5, 2)]
     assert build_pretrain_dataset(str(root), store, arch="SoCo_C4").view_pairs == [(0, 0, 1, 1, 0)]
     assert build_pretrain_dataset(str(root), None, arch="BYOL").view_pairs == [(0, None, 1, None, None)]
-    assert build_pretrain_dataset(str(root), str(store.path_), arch="SoCo_FPN",
-                                  aug="ImageAsymBboxAwareMultiJitter1Cutout").config.cutout_views == (1, 2)
+    assert build_pretrain_dataset(str(root), str(store.path_), D(aug="ImageAsymBboxAwareMultiJitter1Cutout"),
+                                  arch="SoCo_FPN").config.cutout_views == (1, 2)
     assert build_pretrain_dataset(str(root), store, arch="SoCo_C4").config.cutout_views == (1,)
     assert len(AUGS) == 5
-    with pytest.raises(ValueError, match="does not fit"):
-        build_pretrain_dataset(str(root), store, arch="SoCo_C4", aug="ImageAsymBboxAwareMultiJitter1")
-    with pytest.raises(ValueError, match="unknown arch"):
+    with pytest.raises(ConfigError, match="aug: 'ImageAsymBboxAwareMultiJitter1' does not fit arch 'SoCo_C4'"):
+        build_pretrain_dataset(str(root), store, D(aug="ImageAsymBboxAwareMultiJitter1"), arch="SoCo_C4")
+    with pytest.raises(ConfigError, match="arch: 'SoCo_R50' is not allowed; choose from SoCo_FPN, "):
         build_pretrain_dataset(str(root), store, arch="SoCo_R50")
-    with pytest.raises(ValueError, match="select_k"):
-        build_pretrain_dataset(str(root), store, select_k=5, padding_k=4)
-    with pytest.raises(ValueError, match="proposal store"):
+    with pytest.raises(ConfigError, match="select_k: 5 is larger than padding_k 4"):
+        D(select_k=5, padding_k=4)
+    with pytest.raises(InputPathError, match="needs a proposal store"):
         build_pretrain_dataset(str(root), None, arch="SoCo_FPN")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(InputPathError, match="missing"):
         build_pretrain_dataset(str(root / "missing"), store)
 
 
@@ -126,7 +128,7 @@ def _box_in_view_px(box_norm, size):
 def test_box_lands_on_the_same_content_in_every_view(data_dir, arch):
     """A bright rectangle's proposal marks the bright pixels in every view after crop, resize, flip."""
     root, store = data_dir
-    cfg = build_pretrain_dataset(str(root), store, arch=arch, jitter_prob=0.0).config
+    cfg = build_pretrain_dataset(str(root), store, D(jitter_prob=0.0), arch=arch).config
     img = _rect_image()
     # id 1 = whole image (always selected, so the rectangle keeps id 2), id 2 = the rectangle.
     proposals = np.array([[0, 0, IMG_W - 1, IMG_H - 1], RECT_XYXY])
@@ -155,7 +157,7 @@ def test_box_lands_on_the_same_content_in_every_view(data_dir, arch):
 
 def test_empty_proposals_use_whole_image(data_dir):
     root, store = data_dir
-    ds = build_pretrain_dataset(str(root), store, arch="SoCo_FPN", jitter_prob=0.0)
+    ds = build_pretrain_dataset(str(root), store, D(jitter_prob=0.0), arch="SoCo_FPN")
     np.random.seed(3)
     item = ds[5]  # n0.jpg with no proposals
     for boxes in item["boxes"]:
@@ -166,7 +168,7 @@ def test_empty_proposals_use_whole_image(data_dir):
 
 def test_inputs_not_mutated(data_dir):
     root, store = data_dir
-    ds = build_pretrain_dataset(str(root), store, arch="SoCo_FPN_Star", jitter_prob=1.0)
+    ds = build_pretrain_dataset(str(root), store, D(jitter_prob=1.0), arch="SoCo_FPN_Star")
     img = _rect_image()
     before_img = img.tobytes()
     proposals = np.array([[0, 0, IMG_W - 1, IMG_H - 1], RECT_XYXY, [5, 5, 30, 30]])
@@ -183,7 +185,7 @@ def test_inputs_not_mutated(data_dir):
 
 def test_jitter_only_on_v1_copies(data_dir):
     root, store = data_dir
-    base = build_pretrain_dataset(str(root), store, arch="SoCo_FPN", jitter_prob=1.0).config
+    base = build_pretrain_dataset(str(root), store, D(jitter_prob=1.0), arch="SoCo_FPN").config
     cfg = dataclasses.replace(base, flip_prob=0.0)
     rng0 = np.random.default_rng(0)
     proposals = np.stack([rng0.integers(0, 80, 10), rng0.integers(0, 50, 10)], 1)
@@ -340,8 +342,9 @@ def test_rrc_params_follow_torchvision_ranges():
 def test_cutout_lands_on_the_box_content(data_dir):
     """Cutout holes sit on the rectangle's pixels in flipped and unflipped views (post-flip boxes)."""
     root, store = data_dir
-    ds = build_pretrain_dataset(str(root), store, arch="SoCo_FPN", jitter_prob=0.0, cutout_prob=1.0,
-                                aug="ImageAsymBboxAwareMultiJitter1Cutout")
+    ds = build_pretrain_dataset(str(root), store, D(jitter_prob=0.0, cutout_prob=1.0,
+                                                      aug="ImageAsymBboxAwareMultiJitter1Cutout"),
+                                arch="SoCo_FPN")
     cfg = ds.config
     hits, flips = 0, set()
     for seed in range(30):
@@ -380,7 +383,7 @@ def test_cutout_unit():
 # ----------------------------------------------------------------------------- robustness, RNG
 def test_determinism_with_same_seed(data_dir):
     root, store = data_dir
-    ds = build_pretrain_dataset(str(root), store, arch="SoCo_FPN", aug="ImageAsymBboxAwareMultiJitter1Cutout")
+    ds = build_pretrain_dataset(str(root), store, D(aug="ImageAsymBboxAwareMultiJitter1Cutout"), arch="SoCo_FPN")
     np.random.seed(7)
     a = ds[1]
     np.random.seed(7)
@@ -420,8 +423,8 @@ def test_unreadable_image_replaced_and_counted(data_dir, tmp_path, caplog):
     assert sum("bad.jpg" in r.getMessage() for r in caplog.records) == 1  # once per file
     all_bad = write_store(str(tmp_path / "bad.proposals"), ["bad.jpg", "missing.jpg"], [(10, 10)] * 2,
                           [np.zeros((0, 4))] * 2)
-    ds_bad = build_pretrain_dataset(str(root), ProposalStore.open(all_bad.path_), arch="SoCo_FPN",
-                                    max_replace_tries=3)
+    ds_bad = build_pretrain_dataset(str(root), ProposalStore.open(all_bad.path_), D(max_replace_tries=3),
+                                    arch="SoCo_FPN")
     with pytest.raises(UnreadableImagesError, match="3 consecutive unreadable"):
         ds_bad[0]
 

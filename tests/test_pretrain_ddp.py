@@ -75,24 +75,26 @@ def grad_worker(out_dir: str, images: str, store: str) -> None:
     from torch.utils.data import default_collate
 
     from pretrain import train as pretrain_train
+    from pretrain.config import PretrainConfig
     from pretrain.data import build_pretrain_dataset
+    from socokit.config import parse_config
     from socokit import distributed as sdist
     from socokit.log import setup_logging
 
     torch.set_num_threads(1)
-    args = pretrain_train.build_parser().parse_args(["--data", images, "--proposals", store, *TINY])
+    cfg = parse_config(PretrainConfig, ["--data", images, "--proposals", store, *TINY])
     logger = setup_logging(None, int(os.environ["RANK"]))
-    dataset = build_pretrain_dataset(images, store, arch="SoCo_FPN", image_size=64)
+    dataset = build_pretrain_dataset(images, store, cfg.data, arch=cfg.model.arch)
     np.random.seed(0)
     items = [dataset[i] for i in range(4)]  # identical on both ranks
     # Reference first, before the process group exists: one process, the whole batch of 4.
     world1 = sdist.DistInfo(0, 1, 0, torch.device("cpu"), False)
-    ref = pretrain_train.build_training_model(args, world1, logger)
+    ref = pretrain_train.build_training_model(cfg, world1, logger)
     _eval_bn(ref)
     ref_loss, ref_grads, ref_params = _grads_after_one_step(ref, ref, default_collate(items))
     # Two processes, two images each, through the same wrapping code as train.py.
     info = sdist.init_distributed("cpu")
-    model = pretrain_train.build_training_model(args, info, logger)
+    model = pretrain_train.build_training_model(cfg, info, logger)
     _eval_bn(model)
     ddp = pretrain_train.wrap_ddp(model, info)
     half = default_collate(items[2 * info.rank: 2 * info.rank + 2])
@@ -113,8 +115,19 @@ def nan_worker(out_dir: str, images: str, store: str) -> None:
     step 2. ``main`` raises SystemExit (non-zero exit) on every rank.
     """
     from pretrain import train as pretrain_train
+    from pretrain.models import SoCo_FPN
 
-    os.environ["SOCO_INJECT_NAN"] = "3:1"
+    # Rank 1's local loss becomes NaN at its 4th forward (global step 3); rank 0's stays finite.
+    forward, calls = SoCo_FPN.forward, []
+
+    def nan_at_step_3(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 4 and int(os.environ["RANK"]) == 1:
+            out = dict(out, loss=out["loss"] * float("nan"))
+        return out
+
+    SoCo_FPN.forward = nan_at_step_3
     pretrain_train.main(["--data", images, "--proposals", store, "--output-dir", out_dir,
                          "--batch-size", "2", "--epochs", "3", "--warmup-epoch", "1",
                          "--save-freq", "1", *TINY])

@@ -360,3 +360,41 @@ def test_assigned_levels_equal_all_levels_without_batch_statistics():
     out["loss"].backward()
     assert out["loss"].item() == 0.0
     assert model.online_box_head[5].weight.grad is not None
+
+
+# The same check in float64, so that only the order of float64 sums differs: batched is the
+# same computation as the original's per-call head. SoCo_FPN and SoCo_C4 (the heads of the
+# published recipes) run at the published sizes: 224/112-pixel views, K = L = 4 boxes, P2..P5,
+# FPN 256, head 256-1024, MLP 4096-256, on the 4-stage test ResNet body (the heads dominate the
+# cost: about 45 s of CPU for SoCo_FPN). SoCo_FPN_Star and BYOL use the small widths.
+REAL_SIZES = {"SoCo_FPN": (224, 224, 112), "SoCo_C4": (224, 224)}
+
+
+@pytest.mark.parametrize("arch", ["SoCo_FPN", "SoCo_C4", "SoCo_FPN_Star", "BYOL"])
+def test_batched_is_the_same_math_in_float64(arch):
+    torch.manual_seed(0)
+    real = arch in REAL_SIZES
+    widths = {} if real else (SMALL_FPN if arch.startswith("SoCo_FPN") else SMALL)
+    faithful = build_model(arch, backbone=BACKBONE, head_mode="faithful", **widths).double()
+    batched = copy.deepcopy(faithful)
+    batched.head_mode = "batched"
+    gen = torch.Generator().manual_seed(3)
+    sizes = REAL_SIZES.get(arch, SIZES[arch])
+    views = [torch.randn(N, 3, s, s, generator=gen, dtype=torch.float64) for s in sizes]
+    boxes = [_boxes(N, L, gen).double() for _ in range(NUM_SETS[arch])]
+    m = P * L if arch.startswith("SoCo_FPN") else L
+    corres = [(torch.rand(N, m, m, generator=gen) < 0.15).double() for _ in range(len(boxes) // 2)]
+    losses = []
+    for model in (faithful, batched):
+        out = model(views, boxes, corres)
+        out["loss"].backward()
+        losses.append(out["loss"].item())
+    assert abs(losses[0] - losses[1]) <= 1e-12 * max(1.0, abs(losses[0])), losses
+    grads_f, grads_b = _grads(faithful), _grads(batched)
+    assert grads_f.keys() == grads_b.keys() and len(grads_f) > 20
+    for name in grads_f:
+        # atol: gradients that are zero up to float64 rounding (e.g. a bias followed by BN)
+        _assert_close_rel(grads_b[name], grads_f[name], rtol=1e-9, atol=1e-12, msg=name)
+    buffers_b = dict(batched.named_buffers())
+    for name, buf in faithful.named_buffers():  # every BN running mean/var/count, online and target
+        torch.testing.assert_close(buffers_b[name], buf, rtol=1e-10, atol=1e-14, msg=name)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pretrain.config import PretrainDataConfig
 from pretrain.data import build_pretrain_dataset
 from pretrain.models import build_model
 from pretrain.topology import TOPOLOGIES, Topology, topology_of
@@ -57,9 +58,9 @@ def _is_bright(view: torch.Tensor, box_norm: torch.Tensor) -> bool | None:
 @pytest.mark.parametrize("arch", list(TOPOLOGIES))
 def test_dataset_and_model_agree(rect_store, arch):
     root, store = rect_store
-    ds = build_pretrain_dataset(root, store if arch != "BYOL" else None, arch=arch, jitter_prob=0.0,
-                                image_size=48, image3_size=32 if arch == "SoCo_FPN_Star" else None,
-                                image4_size=24)
+    data = PretrainDataConfig(jitter_prob=0.0, image_size=48, image4_size=24,
+                              image3_size=32 if arch == "SoCo_FPN_Star" else None)
+    ds = build_pretrain_dataset(root, store if arch != "BYOL" else None, data, arch=arch)
     ds.colour_aug = False  # keep the object white so its box can be found in every view
     model = _model(arch)
     topo = model.TOPOLOGY

@@ -1,6 +1,7 @@
 """Pretraining loop: resume, checkpoints, recipes, bad-data stop, linear evaluation (CPU)."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -17,8 +18,9 @@ from PIL import Image
 
 from pretrain import linear_eval
 from pretrain import train as pretrain_train
+from pretrain.config import PretrainConfig
 from socokit.checkpoint import load_checkpoint
-from socokit.config import parse_args_with_config
+from socokit.config import parse_config
 from socokit.proposal_store import write_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -205,8 +207,8 @@ def _check_tiny_cpu(args):
     assert (args.fpn_channels, args.conv_dim, args.fc_dim, args.mlp_hidden_dim, args.out_dim) == (32, 32, 128, 256, 64)
     # FPN level thresholds of the 224-pixel recipes scaled to 64-pixel views, rounded up.
     assert args.aware_range == [math.ceil(t * 64 / 224) for t in (48, 96, 192, 224)] + [0] == [14, 28, 55, 64, 0]
-    reference = parse_args_with_config(pretrain_train.build_parser(),
-                                       ["--config", str(CONFIGS / "SoCo_FPN_100ep.yaml")])
+    reference = argparse.Namespace(
+        **parse_config(PretrainConfig, ["--config", str(CONFIGS / "SoCo_FPN_100ep.yaml")]).to_dict())
     for key in ("aug", "optimizer", "base_lr", "weight_decay", "contrast_momentum", "crop", "jitter_prob",
                 "cutout_prob", "warmup_multiplier", "eta_min", "select_k", "padding_k", "momentum"):
         assert getattr(args, key) == getattr(reference, key), key
@@ -214,23 +216,24 @@ def _check_tiny_cpu(args):
 
 @pytest.mark.parametrize("recipe", RECIPES + ["tiny_cpu"])
 def test_recipes_parse(recipe):
-    args = parse_args_with_config(pretrain_train.build_parser(),
-                                  ["--config", str(CONFIGS / f"{recipe}.yaml")])
+    cfg = parse_config(PretrainConfig, ["--config", str(CONFIGS / f"{recipe}.yaml")])
+    flat = cfg.to_dict()
+    assert flat["head_mode"] == "batched" and flat["roi_levels"] == "all"
     if recipe == "tiny_cpu":
-        _check_tiny_cpu(args)
+        _check_tiny_cpu(argparse.Namespace(**flat))
         return
-    assert (args.base_lr, args.batch_size, args.optimizer, args.weight_decay) == (1.0, 128, "lars", 1e-5)
-    assert (args.warmup_epoch, args.contrast_momentum, args.backbone) == (10, 0.99, "resnet50")
-    assert args.epochs == int(recipe.split("_")[-1][:-2])
+    assert (flat["base_lr"], flat["batch_size"], flat["optimizer"], flat["weight_decay"]) == (1.0, 128, "lars", 1e-5)
+    assert (flat["warmup_epoch"], flat["contrast_momentum"], flat["backbone"]) == (10, 0.99, "resnet50")
+    assert flat["epochs"] == int(recipe.split("_")[-1][:-2])
     expected = {"SoCo_FPN_100ep": ("SoCo_FPN", 0.5, 1, "ImageAsymBboxAwareMultiJitter1Cutout"),
                 "SoCo_FPN_400ep": ("SoCo_FPN", 0.5, 1, "ImageAsymBboxAwareMultiJitter1"),
                 "SoCo_FPN_Star_400ep": ("SoCo_FPN_Star", 0.5, 1, "ImageAsymBboxAwareMulti3ResizeExtraJitter1"),
                 "SoCo_C4_100ep": ("SoCo_C4", 0.6, 10, "ImageAsymBboxCutout"),
                 "SoCo_C4_400ep": ("SoCo_C4", 0.6, 10, "ImageAsymBboxCutout"),
                 "BYOL_100ep": ("BYOL", 0.08, 1, "BYOL")}[recipe]
-    assert (args.arch, args.crop, args.save_freq, args.aug) == expected
+    assert (flat["arch"], flat["crop"], flat["save_freq"], flat["aug"]) == expected
     if recipe == "SoCo_FPN_Star_400ep":
-        assert (args.image3_size, args.image4_size) == (192, 112)
+        assert (flat["image3_size"], flat["image4_size"]) == (192, 112)
 
 
 @pytest.mark.parametrize("recipe", RECIPES + ["pretrain_tiny_cpu"])

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from socokit import checkpoint, config, fileio, images, proposal_store as ps, resume, training
+from socokit import checkpoint, fileio, images, proposal_store as ps, resume, training
+from socokit.errors import InputPathError, LaunchError
 from socokit.distributed import shard_from_env
 
 
@@ -109,7 +110,7 @@ def test_find_images_recursive_sorted(tmp_path):
         (tmp_path / p).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / p).write_bytes(b"x")
     assert images.find_images(str(tmp_path)) == ["a/y.png", "b/x.JPEG", "top.jpg"]
-    with pytest.raises(SystemExit):
+    with pytest.raises(InputPathError, match="missing"):
         images.find_images(str(tmp_path / "missing"))
 
 
@@ -261,27 +262,11 @@ def test_check_finite_raises_with_report():
         training.check_finite(torch.tensor(float("nan")), step=7, lr=0.5, scale=1024.0, dist=False)
 
 
-# ---------------------------------------------------------------- config / distributed
-def test_config_yaml_defaults_and_overrides(tmp_path):
-    p = argparse.ArgumentParser()
-    config.add_config_argument(p)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--data", required=True)
-    cfg = tmp_path / "r.yaml"
-    cfg.write_text("batch-size: 8\nlr: 0.5\ndata: /x\n")
-    ns = config.parse_args_with_config(p, ["--config", str(cfg), "--lr", "0.2"])
-    assert (ns.batch_size, ns.lr, ns.data) == (8, 0.2, "/x")
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("nope: 1\n")
-    with pytest.raises(SystemExit, match="nope"):
-        config.parse_args_with_config(p, ["--config", str(bad)])
-
-
+# ---------------------------------------------------------------- distributed
 def test_shard_from_env(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "3")
     assert shard_from_env() == (1, 3)
     monkeypatch.setenv("RANK", "5")
-    with pytest.raises(SystemExit):
+    with pytest.raises(LaunchError, match="rank 5 is outside a world of 3"):
         shard_from_env()

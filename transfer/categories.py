@@ -17,11 +17,9 @@ handled alike.
 """
 from __future__ import annotations
 
+from socokit.errors import CategoryMismatchError
+
 REMAP_CHOICES = ("none", "by-name")
-
-
-class CategoryMismatchError(ValueError):
-    """The categories of a checkpoint and a dataset disagree (message lists the differences)."""
 
 
 def plain_categories(categories) -> list[dict]:

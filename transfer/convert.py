@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from socokit.config import add_print_config_argument, parse_args_or_print
+from socokit.errors import exit_on_user_error
 from transfer.converters.layouts import SOURCES
 from transfer.converters.pipeline import PARTS, convert, write_output
 from transfer.converters.report import format_report
@@ -25,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Every source key is either exported or dropped with a reason; "
                                        "anything else is an error (exit status 1).")
+    add_print_config_argument(p)
     p.add_argument("src", metavar="SRC", help="input checkpoint (.pth/.pth.tar/.pt/.ckpt/.torch; .pkl for "
                                               "detectron2 and Caffe2/Detectron; .safetensors)")
     p.add_argument("dst", metavar="DST", help="output file (written atomically)")
@@ -61,8 +64,9 @@ def _print_hints(meta: dict) -> None:
         print(f"  {key}: {value}")
 
 
+@exit_on_user_error
 def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_args_or_print(build_parser(), argv)
     try:
         obj = load_checkpoint_file(args.src)
         conv = convert(obj, source=args.source, target=args.target, parts=args.parts,

@@ -1,7 +1,7 @@
 """Iteration-based training loop and evaluation for detector fine-tuning.
 
 One *iteration* is one optimizer step of ``batch_size x world_size x accum_steps`` images.
-The learning rate is a pure function of the iteration (:func:`transfer.solver.lr_at`) and the
+The learning rate is a pure function of the iteration (:meth:`transfer.solver.Schedule.lr_at`) and the
 data stream a pure function of the stream position (:class:`transfer.data.InfiniteSampler`),
 so ``--auto-resume`` continues the very same schedule.
 """
@@ -24,29 +24,39 @@ from socokit.preemption import Preempted
 from socokit.training import ProgressMeter, autocast_context, check_finite
 from transfer.evaluation import run_inference
 from transfer.models.norms import set_norm_eval
-from transfer.solver import lr_at, precise_bn
+from transfer.solver import Schedule, precise_bn
 
 logger = get_logger("soco.finetune")
 TARGET_KEYS = ("boxes", "labels", "masks")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainState:
-    """What the loop needs besides the model: schedule, optimizer, AMP, bookkeeping."""
+    """What the loop needs besides the model: schedule, optimizer, AMP, bookkeeping.
+
+    Attributes:
+        schedule: iterations and LR at the actual total batch (:func:`transfer.solver.resolve_schedule`).
+        accum_steps: micro-batches per optimizer step.
+        amp: "none", "bf16" or "fp16" (resolved).
+        norm_eval: BN layers stay in eval mode while training.
+        clip_grad: gradient-norm clip (0 = off).
+        iteration: optimizer steps done.
+        extra: saved with every checkpoint (config, categories, pixel convention, ...).
+    """
 
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    max_iter: int
-    lr: float
-    steps: tuple
-    warmup_iters: int
-    warmup_factor: float = 0.001
+    schedule: Schedule
     accum_steps: int = 1
     amp: str = "none"
     norm_eval: bool = False
     clip_grad: float = 0.0
     iteration: int = 0
-    extra: dict = field(default_factory=dict)  # saved with checkpoints (config, categories, ...)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def max_iter(self) -> int:
+        return self.schedule.max_iter
 
 
 def to_device(images, targets, device):
@@ -70,7 +80,7 @@ def _no_sync(model, last_micro: bool):
 
 def train_step(model, batches, state: TrainState, device) -> dict:
     """One optimizer step over ``accum_steps`` micro-batches. Returns the local loss dict."""
-    lr = lr_at(state.iteration, state.lr, state.steps, state.warmup_iters, state.warmup_factor)
+    lr = state.schedule.lr_at(state.iteration)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
     logged = {}

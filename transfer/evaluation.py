@@ -20,15 +20,12 @@ import torch
 from pycocotools import mask as mask_utils
 
 from socokit import distributed as sdist
+from socokit.errors import EvaluationError
 from socokit.log import get_logger
 from transfer.data.annotations import gt_area_presence
 from transfer.models.transform import original_sizes
 
 logger = get_logger("soco.finetune")
-
-
-class EvaluationError(RuntimeError):
-    """Scoring failed (message names the cause); the weights being evaluated are unaffected."""
 
 
 COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")

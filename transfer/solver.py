@@ -19,43 +19,63 @@ Warmup is linear from ``warmup_factor`` x lr over ``warmup_iters`` (1000, 0.001)
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-SCHEDULES = {"1x": (90_000, (60_000, 80_000)), "2x": (180_000, (120_000, 160_000)),
-             "3x": (270_000, (210_000, 250_000)), "6x": (540_000, (480_000, 520_000))}
+from socokit.errors import ConfigError
+from transfer.config import SCHEDULES, SolverConfig  # noqa: F401  (SCHEDULES re-exported)
 
 
-def resolve_schedule(schedule: str | None, max_iter: int | None, steps, warmup_iters: int,
-                     base_lr: float, total_batch: int, reference_batch: int = 16,
-                     scale: bool = True) -> dict:
-    """Iteration counts and LR for the actual total batch.
+@dataclass(frozen=True)
+class Schedule:
+    """The schedule of one run, at its actual total batch.
+
+    Attributes:
+        max_iter: optimizer steps of the run.
+        steps: iterations at which the LR drops by ``gamma`` (x0.1).
+        warmup_iters, warmup_factor: linear warmup from ``warmup_factor x lr``.
+        lr: the LR after warmup and before the first drop.
+        factor: reference batch / total batch (1.0 without linear scaling).
+    """
+
+    max_iter: int
+    steps: tuple
+    warmup_iters: int
+    lr: float
+    factor: float = 1.0
+    warmup_factor: float = 0.001
+
+    def lr_at(self, iteration: int) -> float:
+        """Learning rate of optimizer step ``iteration`` (0-based)."""
+        return lr_at(iteration, self.lr, self.steps, self.warmup_iters, self.warmup_factor)
+
+
+def resolve_schedule(solver: SolverConfig, total_batch: int) -> Schedule:
+    """Iteration counts and LR of ``solver`` for the actual total batch.
+
+    The explicit ``max_iter`` / ``steps`` override the ``schedule`` preset; with ``scale_lr``
+    the LR scales by ``total_batch / reference_batch`` and every iteration count by the inverse.
 
     Args:
-        schedule: a name of :data:`SCHEDULES`, or None when ``max_iter``/``steps`` are given.
-        max_iter, steps: explicit values at the reference batch (override the preset).
-        total_batch: images per optimizer step over all processes.
-        scale: apply the linear-scaling rule (otherwise the values are used as given).
+        solver: the solver options (values at the reference batch).
+        total_batch: images per optimizer step over all processes and accumulation steps.
 
-    Returns:
-        dict with ``max_iter``, ``steps`` (tuple), ``warmup_iters``, ``lr``, ``factor``.
+    Raises:
+        ConfigError: neither a schedule preset nor ``max_iter``.
     """
-    if schedule:
-        if schedule not in SCHEDULES:
-            raise SystemExit(f"error: unknown schedule {schedule!r} (use {', '.join(SCHEDULES)})")
-        preset_iter, preset_steps = SCHEDULES[schedule]
-        max_iter = max_iter or preset_iter
-        steps = steps if steps else preset_steps
+    max_iter, steps = solver.max_iter_and_steps()
     if not max_iter:
-        raise SystemExit("error: give --schedule or --max-iter")
-    steps = tuple(int(s) for s in (steps or ()))
-    factor = reference_batch / total_batch if scale else 1.0
-    lr = base_lr / factor if scale else base_lr
+        raise ConfigError("schedule: none given; set schedule (1x, 2x, 3x, 6x) or max_iter", "schedule", None)
+    factor = solver.reference_batch / total_batch if solver.scale_lr else 1.0
+    lr = solver.base_lr / factor
 
     def s(v):
         return max(1, int(round(v * factor)))
-    return {"max_iter": s(max_iter), "steps": tuple(s(v) for v in steps),
-            "warmup_iters": int(round(warmup_iters * factor)), "lr": lr, "factor": factor}
+    return Schedule(max_iter=s(max_iter), steps=tuple(s(v) for v in steps),
+                    warmup_iters=int(round(solver.warmup_iters * factor)), lr=lr, factor=factor,
+                    warmup_factor=solver.warmup_factor)
 
 
 def lr_at(iteration: int, lr: float, steps, warmup_iters: int, warmup_factor: float = 0.001,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import colorsys
+import dataclasses
 import os
 
 import numpy as np
@@ -20,12 +21,16 @@ from tqdm import tqdm
 
 from socokit import distributed as sdist
 from socokit.checkpoint import load_checkpoint
+from socokit.config import add_print_config_argument, config_from_dict, parse_args_or_print
+from socokit.errors import exit_on_user_error
 from socokit.fileio import CheckpointError, check_writable_dir
 from socokit.images import ImageError, find_images, load_rgb
+from transfer.config import FinetuneConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_print_config_argument(p)
     p.add_argument("--weights", required=True, help="fine-tuning checkpoint (model_final.pth / current.pth)")
     p.add_argument("--images", required=True, help="folder of images (searched recursively)")
     p.add_argument("--num", type=int, default=8, help="number of images to draw (the first N, sorted)")
@@ -62,7 +67,7 @@ def draw_detections(image: Image.Image, output: dict, names: list[str], score_th
 
 def load_detector(path: str, device: torch.device):
     """Rebuild the detector of a fine-tuning checkpoint; returns (model in eval mode, class names)."""
-    from transfer.finetune import build_model, build_parser as finetune_parser
+    from transfer.finetune import build_model
 
     try:
         ckpt = load_checkpoint(path)
@@ -70,22 +75,22 @@ def load_detector(path: str, device: torch.device):
         raise SystemExit(f"error: {e}") from e
     if not isinstance(ckpt, dict) or "config" not in ckpt or "categories" not in ckpt:
         raise SystemExit(f"error: {path}: not a fine-tuning checkpoint of transfer/finetune.py")
-    args = finetune_parser().parse_args([])
-    for key, value in ckpt["config"].items():
-        if hasattr(args, key):
-            setattr(args, key, value)
-    args.norm = "bn" if "syncbn" in str(args.norm) else args.norm  # inference: no process group
+    cfg = config_from_dict(FinetuneConfig, ckpt["config"], recipe=f"{path} (stored configuration)",
+                           ignore_unknown=True)
+    if "syncbn" in cfg.model.norm:  # inference: no process group
+        cfg.model = dataclasses.replace(cfg.model, norm=cfg.model.norm.replace("syncbn", "bn"))
     dist = sdist.DistInfo(0, 1, 0, device, False)
-    model, _, _ = build_model(args, dist, len(ckpt["categories"]) + 1, pixel=ckpt["pixel"],
+    model, _, _ = build_model(cfg, dist, len(ckpt["categories"]) + 1, pixel=ckpt["pixel"],
                               stride_in_1x1=bool(ckpt.get("stride_in_1x1")))
     model.load_state_dict(ckpt["model"], strict=True)
     names = ["background"] + [c["name"] for c in ckpt["categories"]]
     return model.to(device).eval(), names
 
 
+@exit_on_user_error
 @torch.no_grad()
 def main(argv=None) -> list[str]:
-    args = build_parser().parse_args(argv)
+    args = parse_args_or_print(build_parser(), argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     model, names = load_detector(args.weights, device)

@@ -17,27 +17,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from pretrain.config import ARCH_LAYOUT, ARCHS, AUG_LAYOUT, AUGS, DEFAULT_AUG  # noqa: F401  (re-exported)
 from pretrain.data.pipelines import PipelineConfig, make_geometry, make_tensors, make_uint8_views
-from pretrain.topology import LAYOUT_TOPOLOGY, TOPOLOGIES
+from pretrain.topology import LAYOUT_TOPOLOGY
+from socokit.errors import UnreadableImagesError  # noqa: F401  (re-exported)
 from socokit.images import ImageError, load_rgb
 from socokit.log import get_logger
 from socokit.proposal_store import ProposalStore
 from socokit.resume import SampleKey
-
-ARCHS = tuple(TOPOLOGIES)
-AUGS = ("ImageAsymBboxAwareMultiJitter1", "ImageAsymBboxAwareMultiJitter1Cutout",
-        "ImageAsymBboxAwareMulti3ResizeExtraJitter1", "ImageAsymBboxCutout", "BYOL")
-#: The aug of the released scripts for each arch (FPN: the 400-epoch recipe).
-DEFAULT_AUG = {"SoCo_FPN": "ImageAsymBboxAwareMultiJitter1",
-               "SoCo_FPN_Star": "ImageAsymBboxAwareMulti3ResizeExtraJitter1",
-               "SoCo_C4": "ImageAsymBboxCutout", "BYOL": "BYOL"}
-#: aug -> (layout, views that get the in-box cutout)
-AUG_LAYOUT = {"ImageAsymBboxAwareMultiJitter1": ("fpn", ()),
-              "ImageAsymBboxAwareMultiJitter1Cutout": ("fpn", (1, 2)),
-              "ImageAsymBboxAwareMulti3ResizeExtraJitter1": ("fpn_star", ()),
-              "ImageAsymBboxCutout": ("c4", (1,)),
-              "BYOL": ("byol", ())}
-ARCH_LAYOUT = {arch: t.layout for arch, t in TOPOLOGIES.items()}
 
 _log = get_logger("pretrain.data")
 
@@ -55,10 +42,6 @@ class ViewPair(NamedTuple):
     view_b: int
     boxes_b: int | None
     corres: int | None
-
-
-class UnreadableImagesError(RuntimeError):
-    """Too many consecutive unreadable images while producing one sample."""
 
 
 def view_pairs_for(layout: str) -> list[ViewPair]:

@@ -8,11 +8,10 @@ import torch
 from torch import nn
 from torchvision.ops import roi_align
 
+from pretrain.config import HEAD_MODES  # noqa: F401  (re-exported)
 from pretrain.models.ema import copy_to_target, ema_update_
 
-__all__ = ["OnlineTargetModel", "roi_align_norm", "scale_boxes", "HEAD_MODES"]
-
-HEAD_MODES = ("faithful", "batched")
+__all__ = ["OnlineTargetModel", "roi_align_norm", "scale_boxes", "upcast", "HEAD_MODES"]
 
 
 class OnlineTargetModel(nn.Module):
@@ -69,12 +68,18 @@ class OnlineTargetModel(nn.Module):
         return self
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as float32 for the numerically sensitive parts (RoIAlign, normalisation, loss, BN
+    statistics) under AMP; float64 stays float64, so the models also run exactly in double."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def scale_boxes(boxes_norm: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """``[..., >=4]`` normalised x1, y1, x2, y2 -> float32 ``[..., 4]`` times (W, H, W, H).
 
     Python-scalar products, so no host-to-device copy on CUDA.
     """
-    b = boxes_norm[..., :4].float()
+    b = upcast(boxes_norm[..., :4])
     return torch.stack([b[..., 0] * width, b[..., 1] * height, b[..., 2] * width, b[..., 3] * height], dim=-1)
 
 
@@ -99,13 +104,13 @@ def roi_align_norm(features: torch.Tensor, boxes_norm: list[torch.Tensor], outpu
         Tensor[sum_s N*L_s, C, R, R] float32, set-major then image-major
         (row ``offset_s + n * L_s + i`` is box i of image n in set s).
     """
-    feats = features.float()
+    feats = upcast(features)
     h, w = feats.shape[-2:]
     rois = []
     for boxes in boxes_norm:
         n, l = boxes.shape[:2]
         coords = scale_boxes(boxes, w, h)  # N, L, 4 in feature pixels
-        batch_idx = torch.arange(n, device=boxes.device, dtype=torch.float32).view(n, 1, 1).expand(n, l, 1)
+        batch_idx = torch.arange(n, device=boxes.device, dtype=coords.dtype).view(n, 1, 1).expand(n, l, 1)
         rois.append(torch.cat([batch_idx, coords], dim=2).reshape(n * l, 5))
     return roi_align(feats, torch.cat(rois), output_size=(output_size, output_size), spatial_scale=1.0,
                      sampling_ratio=sampling_ratio, aligned=aligned)

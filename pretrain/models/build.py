@@ -13,15 +13,15 @@ __all__ = ["ARCHS", "build_model"]
 ARCHS = {"SoCo_FPN": SoCo_FPN, "SoCo_FPN_Star": SoCo_FPN_Star, "SoCo_C4": SoCo_C4, "BYOL": BYOL}
 
 
-def build_model(arch: str, backbone: str = "resnet50", head_mode: str = "faithful",
+def build_model(arch: str, backbone: str = "resnet50", head_mode: str = "batched",
                 roi_levels: str = "all", **kwargs) -> nn.Module:
     """Builds a pretraining model.
 
     Args:
         arch: ``"SoCo_FPN"``, ``"SoCo_FPN_Star"``, ``"SoCo_C4"`` or ``"BYOL"``.
         backbone: ``"resnet50"`` (default) or ``"timm:<name>"``.
-        head_mode: ``"faithful"`` (default, the original's per-call BN statistics)
-            or ``"batched"`` (one head call per network, same math).
+        head_mode: ``"batched"`` (default: one head call per network with per-group BN
+            statistics) or ``"faithful"`` (the original's per-call execution); the same math.
         roi_levels: FPN models only: ``"all"`` (default, original) or
             ``"assigned"`` (pool only matched levels; changes BN statistics).
         **kwargs: further keyword arguments of the model class (e.g.

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.models.base import HEAD_MODES, OnlineTargetModel
+from pretrain.models.base import HEAD_MODES, OnlineTargetModel, upcast
 from pretrain.models.grouped_bn import batch_norm_groups
 from pretrain.models.loss import byol_pair_loss
 from pretrain.models.mlp import MLP
@@ -52,7 +52,7 @@ class BYOL(OnlineTargetModel):
     TOPOLOGY = topology_of(ARCH)  # shared with the data pipeline: two views, no boxes
     EMA_PARTS = ("backbone", "projector")
 
-    def __init__(self, backbone: str = "resnet50", head_mode: str = "faithful",
+    def __init__(self, backbone: str = "resnet50", head_mode: str = "batched",
                  mlp_hidden_dim: int = 4096, out_dim: int = 256):
         super().__init__()
         if head_mode not in HEAD_MODES:
@@ -98,4 +98,4 @@ class BYOL(OnlineTargetModel):
         x = torch.flatten(F.adaptive_avg_pool2d(c5, 1), 1)
         for module in heads:
             x = module(x)
-        return F.normalize(x.float(), dim=1)
+        return F.normalize(upcast(x), dim=1)

@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from pretrain.models.base import upcast
+
 __all__ = ["batch_norm_groups", "grouped_batch_norm"]
 
 
@@ -64,10 +66,10 @@ def _update_running_stats(bn: _BatchNorm, batch_mean: torch.Tensor, batch_var: t
     if bn.momentum is not None:  # closed form of G steps r <- (1 - m) r + m s_g, in 2 kernels each
         m = float(bn.momentum)
         coef = [m * (1.0 - m) ** (groups - 1 - g) for g in range(groups)]
-        w = torch.tensor(coef, dtype=torch.float32).to(batch_mean.device, non_blocking=True)
+        w = torch.tensor(coef, dtype=upcast(batch_mean).dtype).to(batch_mean.device, non_blocking=True)
         decay = (1.0 - m) ** groups
-        bn.running_mean.mul_(decay).add_((w @ batch_mean.float()).to(bn.running_mean.dtype))
-        bn.running_var.mul_(decay).add_((w @ batch_var.float()).to(bn.running_var.dtype))
+        bn.running_mean.mul_(decay).add_((w @ upcast(batch_mean)).to(bn.running_mean.dtype))
+        bn.running_var.mul_(decay).add_((w @ upcast(batch_var)).to(bn.running_var.dtype))
         bn.num_batches_tracked.add_(groups)
         return
     for g in range(groups):  # cumulative average: the factor changes every step
@@ -98,8 +100,8 @@ def _synced_grouped_bn(bn: _BatchNorm, xf: torch.Tensor, groups: int, pg) -> tor
     c = bn.num_features
     dims = [0] + list(range(2, xf.dim()))
     shape = [1, groups * c] + [1] * (xf.dim() - 2)
-    x32 = xf.float()
-    count = torch.tensor([xf.numel() // xf.shape[1]], device=xf.device, dtype=torch.float32)
+    x32 = upcast(xf)
+    count = torch.tensor([xf.numel() // xf.shape[1]], device=xf.device, dtype=x32.dtype)
     packed = all_reduce(torch.cat([x32.sum(dims), count]), group=pg)  # autograd-aware SUM
     total = packed[-1].detach()
     mean = packed[:-1] / total

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pretrain.models.base import upcast
+
 __all__ = ["soco_pair_loss", "byol_pair_loss"]
 
 
@@ -31,8 +33,8 @@ def soco_pair_loss(online_pred: torch.Tensor, target_proj: torch.Tensor,
     """
     if online_pred.dim() != 3 or target_proj.dim() != 3 or corres.dim() != 3:
         raise ValueError("online_pred, target_proj and corres must be 3-D")
-    pred = online_pred.float()
-    targ = target_proj.float()
+    pred = upcast(online_pred)
+    targ = upcast(target_proj)
     corres = corres.to(pred.dtype)
     sim = torch.bmm(pred, targ.transpose(1, 2))  # N, M, K
     per_image = (sim * corres).sum(dim=(1, 2)) / (corres.sum(dim=(1, 2)) + eps)  # N
@@ -52,6 +54,6 @@ def byol_pair_loss(online_pred: torch.Tensor, target_proj: torch.Tensor) -> torc
     Returns:
         Tensor[]: the loss term, float32.
     """
-    pred = F.normalize(online_pred.float(), dim=1)
-    targ = F.normalize(target_proj.float(), dim=1)
+    pred = F.normalize(upcast(online_pred), dim=1)
+    targ = F.normalize(upcast(target_proj), dim=1)
     return -2.0 * (pred * targ).sum(dim=1).mean()

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.models.base import HEAD_MODES, OnlineTargetModel, roi_align_norm
+from pretrain.models.base import HEAD_MODES, OnlineTargetModel, roi_align_norm, upcast
 from pretrain.models.grouped_bn import batch_norm_groups
 from pretrain.models.loss import soco_pair_loss
 from pretrain.models.mlp import MLP
@@ -63,7 +63,7 @@ class SoCo_C4(OnlineTargetModel):
     TOPOLOGY = topology_of(ARCH)  # shared with the data pipeline: sets [b1:V1, b2:V2], pair (b1, b2)
     EMA_PARTS = ("backbone", "box_head", "projector")
 
-    def __init__(self, backbone: str = "resnet50", head_mode: str = "faithful", pooler_resolution: int = 14,
+    def __init__(self, backbone: str = "resnet50", head_mode: str = "batched", pooler_resolution: int = 14,
                  mlp_hidden_dim: int = 4096, out_dim: int = 256, sampling_ratio: int = -1,
                  aligned: bool = True):
         super().__init__()
@@ -95,7 +95,7 @@ class SoCo_C4(OnlineTargetModel):
         q = self._embed(view_of_set, boxes, online=True)  # per box set: N, L, D
         with torch.no_grad():
             z = self._embed(view_of_set, boxes, online=False)
-        c = corres[0].float()
+        c = upcast(corres[0])
         l12 = soco_pair_loss(q[a], z[b], c)
         l21 = soco_pair_loss(q[b], z[a], c.transpose(1, 2))
         return {"loss": l12 + l21, "loss_12": l12.detach(), "loss_21": l21.detach(),
@@ -122,4 +122,4 @@ class SoCo_C4(OnlineTargetModel):
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)  # N·L, 2048 (AvgPool(7) in the original)
         for module in heads[1:]:
             x = module(x)
-        return F.normalize(x.float(), dim=1)
+        return F.normalize(upcast(x), dim=1)

@@ -21,10 +21,10 @@ and box j of Vk assigned to level p' are the same proposal (cross-level matches
 allowed); all other (box, level) outputs are computed and then masked out.
 
 Execution modes (same math unless stated):
-  * ``head_mode="faithful"`` (default): head, projector and predictor are called
+  * ``head_mode="faithful"``: head, projector and predictor are called
     once per (box set, level), as in the original, so BN statistics are taken
     over each call's N·L RoIs (16 calls per network for SoCo_FPN).
-  * ``head_mode="batched"``: the RoIs of all box sets and levels go through
+  * ``head_mode="batched"`` (default): the RoIs of all box sets and levels go through
     the head, projector and predictor in ONE call per network, with per-group
     BN statistics (:mod:`pretrain.models.grouped_bn`); outputs, loss, gradients
     and BN running statistics equal the faithful mode up to float rounding.
@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
-from pretrain.models.base import HEAD_MODES, OnlineTargetModel, roi_align_norm, scale_boxes
+from pretrain.config import ROI_LEVEL_MODES  # noqa: F401  (re-exported)
+from pretrain.models.base import HEAD_MODES, OnlineTargetModel, roi_align_norm, scale_boxes, upcast
 from pretrain.models.grouped_bn import batch_norm_groups
 from pretrain.models.loss import soco_pair_loss
 from pretrain.models.mlp import MLP
@@ -53,8 +54,6 @@ from pretrain.topology import topology_of
 from socokit.backbones import build_box_head, build_fpn_backbone
 
 __all__ = ["SoCo_FPN", "SoCo_FPN_Star", "ROI_LEVEL_MODES"]
-
-ROI_LEVEL_MODES = ("all", "assigned")
 
 
 def default_init_(module: nn.Module) -> nn.Module:
@@ -103,7 +102,7 @@ class SoCo_FPN(OnlineTargetModel):
     NUM_LEVELS = 4  # P2..P5
     EMA_PARTS = ("backbone", "box_head", "projector")
 
-    def __init__(self, backbone: str = "resnet50", head_mode: str = "faithful", roi_levels: str = "all",
+    def __init__(self, backbone: str = "resnet50", head_mode: str = "batched", roi_levels: str = "all",
                  fpn_channels: int = 256, pooler_resolution: int = 7, conv_dim: int = 256, fc_dim: int = 1024,
                  mlp_hidden_dim: int = 4096, out_dim: int = 256, sampling_ratio: int = -1,
                  aligned: bool = True):
@@ -138,7 +137,7 @@ class SoCo_FPN(OnlineTargetModel):
     def _loss(self, online_q, target_z, corres) -> dict[str, torch.Tensor]:
         out, total = {}, 0.0
         for (a, b), c, name in zip(self.PAIRS, corres, self.PAIR_VIEWS):
-            c = c.float()
+            c = upcast(c)
             l_ab = soco_pair_loss(online_q[a], target_z[b], c)  # V1 predicts Vk
             l_ba = soco_pair_loss(online_q[b], target_z[a], c.transpose(1, 2))  # Vk predicts V1
             total = total + l_ab + l_ba
@@ -187,7 +186,7 @@ class SoCo_FPN(OnlineTargetModel):
     def _project(x: torch.Tensor, heads: list[nn.Module]) -> torch.Tensor:
         for module in heads:  # box head -> projector (-> predictor)
             x = module(x)
-        return F.normalize(x.float(), dim=1)
+        return F.normalize(upcast(x), dim=1)
 
     def _embed(self, views, boxes, corres, online: bool) -> list[torch.Tensor]:
         backbone, heads = self._branch(online)
@@ -226,7 +225,7 @@ class SoCo_FPN(OnlineTargetModel):
                 img, box = masks[s][:, p, :].nonzero(as_tuple=True)  # active boxes at this level
                 if img.numel() == 0:
                     continue
-                feat = pyramids[v][p].float()
+                feat = upcast(pyramids[v][p])
                 h, w = feat.shape[-2:]
                 coords = scale_boxes(boxes[s][img, box], w, h)
                 rois = torch.cat([img.to(coords.dtype)[:, None], coords], dim=1)
@@ -237,8 +236,8 @@ class SoCo_FPN(OnlineTargetModel):
             # BN needs >= 2 RoIs. Zero embeddings (zero loss) that still touch every
             # parameter, so DDP without find_unused_parameters gets (zero) gradients.
             dim = self.online_projector.linear2.out_features
-            anchor = sum(p.sum() for m in heads for p in m.parameters()) + pyramids[0][0].float().sum()
-            zeros = pyramids[0][0].new_zeros(num_sets, n, num_levels * l, dim).float() + 0.0 * anchor
+            anchor = sum(p.sum() for m in heads for p in m.parameters()) + upcast(pyramids[0][0]).sum()
+            zeros = upcast(pyramids[0][0].new_zeros(num_sets, n, num_levels * l, dim)) + 0.0 * anchor
             return list(zeros.unbind(0))
         emb = self._project(torch.cat(pooled), heads)  # one call: BN over all matched RoIs
         index = torch.cat(flat_index)

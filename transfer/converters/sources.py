@@ -17,13 +17,10 @@ import numpy as np
 import torch
 
 from socokit.backbones import PIXEL_CONVENTION
+from socokit.errors import ConversionError
 from socokit.fileio import CheckpointError, safe_torch_load
 from transfer.converters import layouts as L
 from transfer.converters import targets as T
-
-
-class ConversionError(ValueError):
-    """A checkpoint cannot be converted exactly (message names the file/keys)."""
 
 
 # --------------------------------------------------------------------------- loading

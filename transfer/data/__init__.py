@@ -6,6 +6,7 @@ import os
 import torch
 from torch.utils.data import BatchSampler, DataLoader
 
+from socokit.errors import InputPathError
 from socokit.training import seed_worker
 from transfer.data.annotations import AnnotationError, AnnotationReport
 from transfer.data.coco import AnnotationSet, DetectionDataset, collate_detection, load_annotation_index
@@ -24,9 +25,10 @@ def load_split(image_root: str, ann_file: str, kind: str = "coco"):
 
     Raises:
         AnnotationError: the annotation file is missing or cannot be repaired.
+        socokit.errors.InputPathError: ``image_root`` is not a folder.
     """
     if not os.path.isdir(image_root):
-        raise SystemExit(f"error: image folder {image_root!r} not found")
+        raise InputPathError(f"image folder {image_root!r} not found")
     return load_annotation_index(ann_file, kind, image_root=image_root)
 
 
@@ -51,7 +53,7 @@ def build_train_loader(records: list, image_root: str, *, batch_size: int, seed:
     transform = DetectionTransform(True, min_sizes, max_size, flip_prob, with_masks)
     dataset = DetectionDataset(image_root, records, transform, filter_empty=filter_empty)
     if len(dataset) == 0:
-        raise SystemExit(f"error: no training images with annotations under {image_root!r}")
+        raise InputPathError(f"no training images with annotations under {image_root!r}")
     factors = repeat_factors(dataset.records, repeat_threshold) if repeat_threshold > 0 else None
     if group_aspect:
         stream = InfiniteSampler(len(dataset), seed=seed, rank=rank, world_size=world_size, rep_factors=factors)

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 from pycocotools import mask as mask_utils
 
+from socokit.errors import AnnotationError
 from socokit.images import ImageError, image_size
 
 # Repair / drop kinds (the summary line and the JSON report use these texts).
@@ -50,10 +51,6 @@ DROP_DEGENERATE = "dropped: box with zero or negative width/height"
 DROP_OUTSIDE = "dropped: box outside the image"
 DROP_IMAGE = "dropped: unknown image_id"
 DROP_CATEGORY = "dropped: unknown category_id"
-
-
-class AnnotationError(ValueError):
-    """An annotation file cannot be used as it is (message names file, entry and field)."""
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from socokit.backbones import PIXEL_CONVENTION
+from transfer.config import DETECTORS  # the names live with the configuration
 from transfer.models.dense import build_fcos, build_retinanet
 from transfer.models.norms import freeze_stages, resolve_norms
 from transfer.models.parity import PARITY_MODES, check_parity
@@ -18,7 +19,6 @@ from transfer.models.solov2 import build_solov2
 from transfer.models.transform import DetectorInputTransform, pixel_to_mean_std
 
 __all__ = ["DETECTORS", "PARITY_MODES", "apply_frozen_stages", "build_detector", "has_masks"]
-DETECTORS = ("maskrcnn_fpn", "fasterrcnn_fpn", "maskrcnn_c4", "fasterrcnn_c4", "retinanet", "fcos", "solov2")
 
 
 _RCNN_SAMPLING = ("rpn_pre_nms_top_n_train", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_train",

@@ -18,7 +18,8 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from socokit.backbones import PIXEL_CONVENTION
-from socokit.fileio import CheckpointError, safe_torch_load
+from socokit.errors import CheckpointError, ConfigError, IncompatibleWeightsError
+from socokit.fileio import safe_torch_load
 from transfer.detinit import load_detection_init
 
 PART_PREFIXES = {"backbone": "backbone.body.", "fpn": "backbone.fpn.",
@@ -49,7 +50,8 @@ def load_parts_strict(model: nn.Module, state_dict: dict, parts, source: str) ->
         their fresh initialisation).
 
     Raises:
-        SystemExit: a listed part has missing / unexpected keys or mismatched shapes.
+        socokit.errors.IncompatibleWeightsError: a listed part has no counterpart in the model,
+            or missing / unexpected keys or mismatched shapes.
     """
     parts = list(parts)
     model_sd = model.state_dict()
@@ -58,24 +60,24 @@ def load_parts_strict(model: nn.Module, state_dict: dict, parts, source: str) ->
     have = {k for k in state_dict if k not in skip}
     for p in parts:
         if not any(_part_of(k, parts) == p for k in want):
-            raise SystemExit(f"error: {source}: part {p!r} has no counterpart in this detector "
+            raise IncompatibleWeightsError(f"{source}: part {p!r} has no counterpart in this detector "
                              "(e.g. a P2-P5 FPN for RetinaNet/FCOS, or a res5 part for an FPN model); "
                              "restrict the parts with --init-parts")
     missing, unexpected = sorted(want - have), sorted(k for k in have if _part_of(k, parts) and k not in want)
     shape_bad = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(model_sd[k].shape)}"
                  for k in sorted(want & have) if state_dict[k].shape != model_sd[k].shape]
     if missing or unexpected or shape_bad:
-        lines = [f"error: {source}: the detector does not match the parts {parts} of the file"]
+        lines = [f"{source}: the detector does not match the parts {parts} of the file"]
         for title, items in (("missing in file", missing), ("not in detector", unexpected),
                              ("shape mismatch", shape_bad)):
             if items:
                 lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:8]) + (" ..." if len(items) > 8 else ""))
         lines.append("  (check --backbone, --norm (a BN file needs a BN-family norm) and the detector)")
-        raise SystemExit("\n".join(lines))
+        raise IncompatibleWeightsError("\n".join(lines))
     subset = {k: state_dict[k] for k in want}
     result = model.load_state_dict(subset, strict=False)
     if result.unexpected_keys:  # cannot happen after the checks above
-        raise SystemExit(f"error: {source}: unexpected keys {result.unexpected_keys[:5]}")
+        raise IncompatibleWeightsError(f"{source}: unexpected keys {result.unexpected_keys[:5]}")
     return {"loaded": len(subset), "parts": parts, "new": sorted(set(result.missing_keys))}
 
 
@@ -93,21 +95,23 @@ def supervised_to_detection(resnet_sd: dict, c4: bool) -> tuple[dict, list]:
 
 
 def read_init(spec: str, c4: bool) -> tuple[dict, dict]:
-    """(state_dict, meta) for an init spec (a detinit file or ``torchvision-supervised:PATH``)."""
-    try:
-        if spec.startswith(SUPERVISED_PREFIX):
-            path = spec[len(SUPERVISED_PREFIX):]
-            sd = safe_torch_load(path)
-            if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-                sd = sd["state_dict"]
-            if not isinstance(sd, dict) or "conv1.weight" not in sd:
-                raise SystemExit(f"error: {path}: not a torchvision ResNet state dict (no conv1.weight)")
-            state_dict, parts = supervised_to_detection(sd, c4)
-            return state_dict, {"source": "torchvision-supervised", "source_file": path,
-                                "arch": "resnet50", "parts": parts, "pixel": dict(PIXEL_CONVENTION)}
-        return load_detection_init(spec)
-    except CheckpointError as e:
-        raise SystemExit(f"error: {e}") from e
+    """(state_dict, meta) for an init spec (a detinit file or ``torchvision-supervised:PATH``).
+
+    Raises:
+        socokit.errors.CheckpointError: unreadable file, not a detection-init file, or not a
+            torchvision ResNet state dict.
+    """
+    if spec.startswith(SUPERVISED_PREFIX):
+        path = spec[len(SUPERVISED_PREFIX):]
+        sd = safe_torch_load(path)
+        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+            sd = sd["state_dict"]
+        if not isinstance(sd, dict) or "conv1.weight" not in sd:
+            raise CheckpointError(f"{path}: not a torchvision ResNet state dict (no conv1.weight)")
+        state_dict, parts = supervised_to_detection(sd, c4)
+        return state_dict, {"source": "torchvision-supervised", "source_file": path,
+                            "arch": "resnet50", "parts": parts, "pixel": dict(PIXEL_CONVENTION)}
+    return load_detection_init(spec)
 
 
 def apply_stride_in_1x1(model: nn.Module) -> int:
@@ -150,6 +154,11 @@ def initialise_detector(model: nn.Module, spec: str | None, parts=None, c4: bool
 
     Returns:
         (report dict, meta dict or None). ``report["new"]`` lists the freshly initialised keys.
+
+    Raises:
+        socokit.errors.CheckpointError: the init file cannot be read or is not an init file.
+        socokit.errors.IncompatibleWeightsError: the file's parts do not fit the detector.
+        socokit.errors.ConfigError: ``parts`` names a part the file does not have.
     """
     if spec in (None, "", "scratch"):
         return {"loaded": 0, "parts": [], "new": sorted(model.state_dict())}, None
@@ -158,6 +167,7 @@ def initialise_detector(model: nn.Module, spec: str | None, parts=None, c4: bool
     use = list(parts) if parts else [p for p in file_parts if usable is None or p in usable]
     absent = [p for p in use if p not in file_parts]
     if absent:
-        raise SystemExit(f"error: {spec}: --init-parts {absent} not in the file's parts {file_parts}")
+        raise ConfigError(f"init_parts: {absent} are not among the parts {file_parts} of {spec}", "init_parts",
+                          list(parts))
     state_dict = {k: v for k, v in state_dict.items() if _part_of(k, use) is not None}
     return load_parts_strict(model, state_dict, use, spec), meta

@@ -16,8 +16,7 @@ from functools import partial
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-NORMS = ("syncbn", "bn", "frozenbn", "gn", "none")
-PARTS = ("backbone", "fpn", "box_head", "mask_head", "head")
+from transfer.config import NORMS, PARTS  # noqa: F401  (the names live with the configuration)
 
 #: The seed configs' choice (SoCo/MoCo detectron2 recipes): SyncBN everywhere.
 DEFAULT_NORMS = {"backbone": "syncbn", "fpn": "syncbn", "box_head": "syncbn", "mask_head": "syncbn",

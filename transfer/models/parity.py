@@ -35,7 +35,8 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.poolers import _convert_to_roi_format, _setup_scales
 
-PARITY_MODES = ("detectron2", "torchvision")
+from transfer.config import PARITY_MODES  # the names live with the configuration
+
 TORCHVISION_BETA = 1.0 / 9.0  # torchvision's smooth-L1 β in the RPN and the box head
 
 
