@@ -42,6 +42,7 @@ import bench_finetune  # noqa: E402  (same folder)
 import bench_pretrain_data  # noqa: E402
 
 from demo.data import make_demo_data  # noqa: E402
+from pretrain.config import PretrainDataConfig  # noqa: E402
 from pretrain.data import build_pretrain_dataset  # noqa: E402
 from pretrain.engine import move_batch  # noqa: E402
 from pretrain.models import build_model  # noqa: E402
@@ -103,7 +104,7 @@ def _peak_mib(device) -> float:
 
 def pretrain_row(s: Settings, head_mode: str, root: str, store: str, amp: str) -> dict:
     """Pretraining steps fed by the real loader; time waiting for data is measured apart."""
-    dataset = build_pretrain_dataset(root, store, arch="SoCo_FPN", image_size=s.image_size)
+    dataset = build_pretrain_dataset(root, store, PretrainDataConfig(image_size=s.image_size), arch="SoCo_FPN")
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=s.batch, shuffle=True, num_workers=s.workers, drop_last=True,
         pin_memory=s.device.type == "cuda", persistent_workers=s.workers > 0,
@@ -185,7 +186,7 @@ def _relative(a: float, b: float) -> float:
 
 def pretrain_loss_agreement(s: Settings, root: str, store: str) -> dict:
     """The same batch and weights in float32: CPU vs the device."""
-    dataset = build_pretrain_dataset(root, store, arch="SoCo_FPN", image_size=s.image_size)
+    dataset = build_pretrain_dataset(root, store, PretrainDataConfig(image_size=s.image_size), arch="SoCo_FPN")
     batch = torch.utils.data.default_collate([dataset[i] for i in range(min(4, len(dataset)))])
     torch.manual_seed(0)
     model = build_model("SoCo_FPN", backbone=s.backbone)

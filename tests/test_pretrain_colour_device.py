@@ -11,10 +11,12 @@ import torch
 from PIL import Image
 from scipy import stats
 
+from pretrain.config import PretrainDataConfig
 from pretrain.data import build_pretrain_dataset
 from pretrain.data.augment import POST_1, POST_2, ColourParams
 from pretrain.data.device_colour import apply_colour, apply_colour_uint8, pack_params
 from pretrain.engine import DATA_WAIT_FRACTION, data_wait_advice, move_batch
+from socokit.errors import ConfigError
 from socokit.proposal_store import write_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,8 +127,9 @@ def test_dataset_on_device_gives_the_same_sample(small_store):
     """Same seed: identical boxes and correspondences, uint8 views whose device colour equals
     the CPU path's views within the blur tolerance."""
     root, store = small_store
-    cpu_ds = build_pretrain_dataset(root, store, arch="SoCo_FPN", image_size=64)
-    dev_ds = build_pretrain_dataset(root, store, arch="SoCo_FPN", image_size=64, colour_on_device=True)
+    cpu_ds = build_pretrain_dataset(root, store, PretrainDataConfig(image_size=64), arch="SoCo_FPN")
+    dev_ds = build_pretrain_dataset(root, store, PretrainDataConfig(image_size=64, colour_on_device=True),
+                                    arch="SoCo_FPN")
     for index in range(3):
         np.random.seed(index)
         a = cpu_ds[index]
@@ -143,8 +146,8 @@ def test_dataset_on_device_gives_the_same_sample(small_store):
 
 
 def test_on_device_refuses_cutout(small_store):
-    with pytest.raises(ValueError, match="cutout"):
-        build_pretrain_dataset(*small_store, arch="SoCo_C4", colour_on_device=True)
+    with pytest.raises(ConfigError, match="colour_on_device: not with the cutout aug 'ImageAsymBboxCutout'"):
+        build_pretrain_dataset(*small_store, PretrainDataConfig(colour_on_device=True), arch="SoCo_C4")
 
 
 def test_data_wait_advice():

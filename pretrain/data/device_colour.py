@@ -1,7 +1,7 @@
 """BYOL's colour augmentations applied to a whole batch on the training device.
 
-With ``build_pretrain_dataset(..., colour_on_device=True)`` the loader workers only decode, crop,
-resize and flip: each view comes back as uint8 [3, S, S] together with its colour parameters,
+With ``PretrainDataConfig(colour_on_device=True)`` (``--colour-on-device``) the loader workers
+only decode, crop, resize and flip: each view comes back as uint8 [3, S, S] together with its colour parameters,
 drawn on the CPU side by :meth:`pretrain.data.augment.ColourAug.draw` with the sample's
 generator (same draws, same order, same probabilities and ranges as the CPU path). The training
 loop then calls :func:`apply_colour` on the device, which follows the PIL operations of the CPU
