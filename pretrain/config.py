@@ -97,20 +97,19 @@ class PretrainDataConfig(Section):
         """The view pipeline of ``arch``: ``aug`` when set (it must fit), else the released one.
 
         Raises:
-            ConfigError: ``arch`` is unknown or ``aug`` belongs to another layout.
+            ConfigError: ``arch`` is unknown, ``aug`` belongs to another layout, or
+                ``colour_on_device`` with a cutout aug.
         """
         if arch not in ARCHS:
             raise ConfigError(f"arch: {arch!r} is not allowed; choose from {', '.join(ARCHS)}", "arch", arch)
-        if self.aug is None:
-            return DEFAULT_AUG[arch]
-        if AUG_LAYOUT[self.aug][0] != ARCH_LAYOUT[arch]:
+        aug = DEFAULT_AUG[arch] if self.aug is None else self.aug
+        if AUG_LAYOUT[aug][0] != ARCH_LAYOUT[arch]:
             ok = [a for a in AUGS if AUG_LAYOUT[a][0] == ARCH_LAYOUT[arch]]
-            raise ConfigError(f"aug: {self.aug!r} does not fit arch {arch!r}; choose from {', '.join(ok)}",
-                              "aug", self.aug)
-        if self.colour_on_device and AUG_LAYOUT[self.aug][1]:
-            raise ConfigError(f"colour_on_device: not with the cutout aug {self.aug!r} (the cutout is drawn "
-                              "after the colour and applied to the normalised view)", "colour_on_device", True)
-        return self.aug
+            raise ConfigError(f"aug: {aug!r} does not fit arch {arch!r}; choose from {', '.join(ok)}", "aug", aug)
+        if self.colour_on_device and AUG_LAYOUT[aug][1]:
+            raise ConfigError(f"colour_on_device: not with the cutout aug {aug!r} (the cutout is drawn after the "
+                              "colour and applied to the normalised view)", "colour_on_device", True)
+        return aug
 
 
 @dataclass
