@@ -163,7 +163,8 @@ def detection_rows(s: Settings, data: dict) -> list[dict]:
             break  # no bf16 on this device: one fp32 row
         args = argparse.Namespace(backbone=s.det_backbone, size=s.det_size, max_size=s.det_max_size,
                                   batch=s.det_batch, iters=s.det_iters, warmup=2 if s.tiny else 5,
-                                  workers=s.workers, amp=amp)
+                                  workers=s.workers, amp=amp, clock="wall",
+                                  heads="narrow" if s.tiny else "full")
         _reset_peak(s.device)
         images_s = bench_finetune.bench_ours(args, data, s.device, "detectron2")
         rows.append({"what": "Mask R-CNN R-FPN train", "setting":
