@@ -15,7 +15,7 @@ from skimage.util import img_as_float
 
 
 def oracle_labels(image, scale=300, sigma=0.9, min_size=100):
-    """Felzenszwalb labels of the uint8 RGB image, as the spec calls it."""
+    """Felzenszwalb labels of the uint8 RGB image, as docs/method.md §1.1 describes it."""
     return felzenszwalb(img_as_float(image), scale=scale, sigma=sigma, min_size=min_size)
 
 
