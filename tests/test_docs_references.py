@@ -12,8 +12,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CITATION = re.compile(r"docs/([\w\-]+\.md)(?:\s+§(\d+(?:\.\d+)?(?:\([a-z]\))?))?")
-OUTSIDE_NOTES = ("SOCO_SPEC", "CHECKPOINT_FORMATS", "ARCHITECTURE.md", "STYLE.md", "spec §",
-                 "brief contract")
+# Names of the design notes kept outside the repository, spelled in pieces so that this file
+# does not itself contain them.
+OUTSIDE_NOTES = tuple("".join(parts) for parts in (
+    ("SOCO", "_SPEC"), ("CHECKPOINT", "_FORMATS"), ("ARCHITECTURE", ".md"), ("STYLE", ".md"),
+    ("spec", " §"), ("brief", " contract")))
 
 
 def _tracked_text_files():
@@ -40,8 +43,6 @@ def _section_numbers(doc: Path):
 def test_no_citation_of_notes_outside_the_repository():
     offenders = []
     for path in _tracked_text_files():
-        if path.name == Path(__file__).name:
-            continue
         text = path.read_text(encoding="utf-8", errors="replace")
         for needle in OUTSIDE_NOTES:
             if needle in text:
