@@ -100,6 +100,20 @@ class AnnotationReport:
 
 
 # --------------------------------------------------------------------------- small checks
+def _entry_id(entry, where: str) -> int:
+    """Check that a category or image entry is an object with an integer ``id``; store and return it.
+
+    Raises:
+        AnnotationError: the entry is not a dict, has no ``id``, or the id is not an integer.
+    """
+    if not isinstance(entry, dict):
+        raise AnnotationError(f"{where} must be an object, got {type(entry).__name__}")
+    if "id" not in entry:
+        raise AnnotationError(f"{where}: field 'id' missing")
+    entry["id"] = _as_int(entry["id"], f"{where}.id")
+    return entry["id"]
+
+
 def _as_int(value, where: str) -> int:
     """An integer id (ints and integral floats; bools and strings are refused)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -139,11 +153,7 @@ def _validate_categories(data: dict, path: str, kind: str) -> dict:
     by_id = {}
     for i, cat in enumerate(cats):
         where = f"{path}: categories[{i}]"
-        if not isinstance(cat, dict):
-            raise AnnotationError(f"{where} must be an object, got {type(cat).__name__}")
-        if "id" not in cat:
-            raise AnnotationError(f"{where}: field 'id' missing")
-        cid = cat["id"] = _as_int(cat["id"], f"{where}.id")
+        cid = _entry_id(cat, where)
         if cid in by_id:
             raise AnnotationError(f"{where}: duplicate category id {cid}")
         name = cat.get("name")
@@ -162,11 +172,7 @@ def _validate_images(data: dict, path: str, kind: str, image_root: str | None,
     by_id = {}
     for i, img in enumerate(images):
         where = f"{path}: images[{i}]"
-        if not isinstance(img, dict):
-            raise AnnotationError(f"{where} must be an object, got {type(img).__name__}")
-        if "id" not in img:
-            raise AnnotationError(f"{where}: field 'id' missing")
-        iid = img["id"] = _as_int(img["id"], f"{where}.id")
+        iid = _entry_id(img, where)
         where = f"{path}: image id {iid}"
         if iid in by_id:
             raise AnnotationError(f"{where}: duplicate image id")
