@@ -280,27 +280,42 @@ def main(argv=None) -> int:
             return 2
         torch.backends.cudnn.benchmark = True
     start = time.perf_counter()
-    rows, checks = [], []
+    rows, checks, errors = [], [], []
+
+    def attempt(what: str, fn, *fn_args):
+        """Run one measurement; a failure is reported in the table and the next one still runs."""
+        print(f"{what} ...", flush=True)
+        try:
+            return fn(*fn_args)
+        except Exception as err:  # noqa: BLE001 - the table names the failure; the exit code is 1
+            import traceback
+
+            traceback.print_exc()
+            errors.append({"what": what, "error": f"{type(err).__name__}: {err}"})
+            return None
+
     with tempfile.TemporaryDirectory() as tmp:
         n_images = max(2 * s.batch, 8) if s.tiny else 4 * s.batch
         store = bench_pretrain_data.make_images(tmp, n_images, 60)
         for head_mode in ("faithful", "batched"):
-            print(f"pretraining, head_mode {head_mode} ...", flush=True)
-            rows.append(pretrain_row(s, head_mode, tmp, store, _amp(s)))
+            row = attempt(f"pretrain SoCo_FPN {head_mode}", pretrain_row, s, head_mode, tmp, store, _amp(s))
+            rows += [row] if row else []
         side = (s.det_size * 3 // 4, s.det_size) if s.tiny else (600, 800)
         data = make_demo_data(f"{tmp}/coco", num_classes=1, images_per_class=1,
                               coco_train=max(8, 4 * s.det_batch), coco_val=s.eval_images,
                               image_size=side, photos=False, progress=False)
-        print("Mask R-CNN training and evaluation ...", flush=True)
-        rows += detection_rows(s, data)
-        print("losses on the CPU and on the device ...", flush=True)
+        rows += attempt("Mask R-CNN training and evaluation", detection_rows, s, data) or []
         if s.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
-        checks.append(pretrain_loss_agreement(s, tmp, store))
-        checks.append(detection_loss_agreement(s, data))
+        for what, fn, fn_args in (("pretrain loss, CPU vs device", pretrain_loss_agreement, (s, tmp, store)),
+                                  ("Mask R-CNN loss, CPU vs device", detection_loss_agreement, (s, data))):
+            check = attempt(what, fn, *fn_args)
+            checks += [check] if check else []
     print_table(s, rows, checks, time.perf_counter() - start)
-    return 0 if all(c["rel_diff"] <= LOSS_RTOL for c in checks) else 1
+    for e in errors:
+        print(f"FAILED: {e['what']}: {e['error']}")
+    return 0 if not errors and all(c["rel_diff"] <= LOSS_RTOL for c in checks) else 1
 
 
 if __name__ == "__main__":

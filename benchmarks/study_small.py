@@ -5,6 +5,8 @@ Everything runs on data from the embedded generator (:mod:`demo.data`), through 
 command lines, one run at a time, so the study is a reproducible recipe a user can rerun::
 
     python benchmarks/study_small.py --out study_output                 # the pre-registered session scale
+    python benchmarks/study_small.py --out study_gpu --preset gpu --device cuda --workers 7 --jobs 9
+                                                                        # one GPU, under 10 minutes
     python benchmarks/study_small.py --out study_issue --preset issue   # the scale issue 14 asks for (GPU)
     python benchmarks/study_small.py --out /tmp/s --preset tiny         # plumbing check (CI test)
 
@@ -53,17 +55,24 @@ PRESETS = {
     "session": dict(num_classes=10, unlabeled_per_class=60, probe_per_class=20, det_train=150,
                     det_select=50, det_test=100, image_size=(96, 128), view_size=64,
                     pretrain_epochs=1, pretrain_batch=8, pretrain_base_lr=32.0, finetune_iters=60,
-                    finetune_batch=4, finetune_lr=0.02, seeds=(0, 1, 2), probe_size=112),
+                    finetune_batch=4, finetune_lr=0.02, seeds=(0, 1, 2), probe_size=112, probe_every=1),
+    # Sized for one GPU (H100/H200 class) and 16 CPU cores in under 10 minutes with --jobs 9: the
+    # issue's detection sets and probes, 2,000 unlabeled scenes (the data must travel to the machine),
+    # 40,000 images seen per method, 1,500 fine-tuning iterations of 8 images.
+    "gpu": dict(num_classes=10, unlabeled_per_class=200, probe_per_class=50, det_train=600,
+                det_select=100, det_test=200, image_size=(96, 128), view_size=64,
+                pretrain_epochs=20, pretrain_batch=32, pretrain_base_lr=8.0, finetune_iters=1500,
+                finetune_batch=8, finetune_lr=0.02, seeds=(0, 1, 2), probe_size=112, probe_every=5),
     # The scale issue 14 asks for: thousands of unlabeled scenes, a few hundred detection training
     # images, >= 100 evaluation images, long enough fine-tuning for scratch to leave the floor.
     "issue": dict(num_classes=10, unlabeled_per_class=400, probe_per_class=50, det_train=600,
                   det_select=100, det_test=200, image_size=(96, 128), view_size=64,
                   pretrain_epochs=30, pretrain_batch=32, pretrain_base_lr=8.0, finetune_iters=3000, finetune_batch=8,
-                  finetune_lr=0.02, seeds=(0, 1, 2), probe_size=112),
+                  finetune_lr=0.02, seeds=(0, 1, 2), probe_size=112, probe_every=5),
     # End-to-end plumbing check in a couple of minutes (the CPU test).
     "tiny": dict(num_classes=2, unlabeled_per_class=4, probe_per_class=3, det_train=4, det_select=2,
                  det_test=2, image_size=(64, 80), view_size=32, pretrain_epochs=1, pretrain_batch=4, pretrain_base_lr=32.0,
-                 finetune_iters=2, finetune_batch=2, finetune_lr=0.02, seeds=(0, 1), probe_size=48),
+                 finetune_iters=2, finetune_batch=2, finetune_lr=0.02, seeds=(0, 1), probe_size=48, probe_every=1),
 }
 
 
@@ -207,7 +216,8 @@ def load_images(folder: Path, size: int):
     return x, torch.tensor(ys)
 
 
-def backbone_features(init_file: Path | None, arch: str, xs, seed: int = 0, recalibrate=None) -> list:
+def backbone_features(init_file: Path | None, arch: str, xs, seed: int = 0, recalibrate=None,
+                      device: str = "cpu") -> list:
     """Global-average-pooled last-stage features of a backbone, one float32[N, C] per batch of ``xs``.
 
     ``init_file`` is a detection-init file (``transfer/convert.py``); its ``backbone.body.*`` keys
@@ -215,7 +225,8 @@ def backbone_features(init_file: Path | None, arch: str, xs, seed: int = 0, reca
     from (seeded). The backbone runs in eval mode, as in linear evaluation. With ``recalibrate``
     (float32[M, 3, S, S] images in 0-1) the BatchNorm running statistics are first re-estimated on
     those images (cumulative average over one pass in train mode, no gradients), so the probe
-    measures the weights rather than statistics gathered at another view size.
+    measures the weights rather than statistics gathered at another view size. The backbone runs on
+    ``device``; the features come back on the CPU.
     """
     import torch
 
@@ -230,8 +241,9 @@ def backbone_features(init_file: Path | None, arch: str, xs, seed: int = 0, reca
         prefix = "backbone.body."
         body.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
         pixel = meta.get("pixel", pixel)
-    mean = torch.tensor(pixel["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(pixel["std"]).view(1, 3, 1, 1)
+    body.to(device)
+    mean = torch.tensor(pixel["mean"], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(pixel["std"], device=device).view(1, 3, 1, 1)
     with torch.no_grad():
         if recalibrate is not None:
             bns = [m for m in body.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -240,15 +252,15 @@ def backbone_features(init_file: Path | None, arch: str, xs, seed: int = 0, reca
                 m.momentum = None  # cumulative moving average over the pass
             body.train()
             for i in range(0, len(recalibrate), 32):
-                body((recalibrate[i:i + 32] - mean) / std)
+                body((recalibrate[i:i + 32].to(device) - mean) / std)
         body.eval()
         outs = []
         for x in xs:
             feats = []
             for i in range(0, len(x), 32):
-                f = body((x[i:i + 32] - mean) / std)
+                f = body((x[i:i + 32].to(device) - mean) / std)
                 last = f[-1] if isinstance(f, (list, tuple)) else list(f.values())[-1]
-                feats.append(last.mean(dim=(2, 3)))
+                feats.append(last.mean(dim=(2, 3)).float().cpu())
             outs.append(torch.cat(feats))
     return outs
 
@@ -298,14 +310,14 @@ def embedding_spread(f) -> float:
     return float(z.std(0).mean() * math.sqrt(z.shape[1]))
 
 
-def probe(init_file: Path | None, arch: str, probe_data, seed: int = 0) -> dict:
+def probe(init_file: Path | None, arch: str, probe_data, seed: int = 0, device: str = "cpu") -> dict:
     """kNN / linear-probe accuracy and embedding spread of a backbone, with the checkpoint's BatchNorm
     statistics (``knn``, ``linear``, ``emb_spread``) and with statistics re-estimated on the probe's
-    training images (``*_bn``)."""
+    training images (``*_bn``). The backbone runs on ``device``, the classifiers on the CPU."""
     (xtr, ytr), (xte, yte) = probe_data
     out = {}
     for suffix, recal in (("", None), ("_bn", xtr)):
-        ftr, fte = backbone_features(init_file, arch, [xtr, xte], seed, recalibrate=recal)
+        ftr, fte = backbone_features(init_file, arch, [xtr, xte], seed, recalibrate=recal, device=device)
         out.update({f"knn{suffix}": round(knn_accuracy(ftr, ytr, fte, yte), 4),
                     f"linear{suffix}": round(linear_probe_accuracy(ftr, ytr, fte, yte), 4),
                     f"emb_spread{suffix}": round(embedding_spread(fte), 4)})
@@ -359,7 +371,7 @@ def pretrain_cmd(a, method: str, data: Path, proposals: Path, out: Path) -> list
     cmd = py("pretrain/train.py", "--config", "pretrain/configs/tiny_cpu.yaml", "--data", data / "unlabeled",
              "--output-dir", out, "--epochs", a.pretrain_epochs, "--batch-size", a.pretrain_batch,
              "--image-size", view, "--warmup-epoch", max(1, round(a.pretrain_epochs / 10)),
-             "--save-freq", 1, "--num-workers", a.workers, "--device", a.device, "--seed", a.pretrain_seed,
+             "--save-freq", a.probe_every, "--keep-last", 0, "--num-workers", a.workers, "--device", a.device, "--seed", a.pretrain_seed,
              "--base-lr", a.pretrain_base_lr, "--print-freq", 20, "--auto-resume")
     if method == "byol":
         cmd += ["--arch", "BYOL", "--aug", "BYOL", "--crop", "0.08"]
@@ -408,7 +420,7 @@ def run_study(a) -> dict:
         "view_size": a.view_size, "pretrain_epochs": a.pretrain_epochs, "pretrain_batch": a.pretrain_batch,
         "images_seen": a.pretrain_epochs * info["counts"]["unlabeled_images"], "finetune_iters": a.finetune_iters,
         "finetune_batch": a.finetune_batch, "finetune_lr": a.finetune_lr, "pretrain_lr": a.finetune_lr_pretrained,
-        "pretrain_base_lr": a.pretrain_base_lr,
+        "pretrain_base_lr": a.pretrain_base_lr, "probe_every": a.probe_every, "device": a.device,
         "pretrain_peak_lr": a.pretrain_base_lr * a.pretrain_batch / 256,
         "seeds": list(a.seeds), "eval_split": a.eval_split, "detector": "fasterrcnn_fpn", "backbone": a.arch},
         "pretrain": {}, "finetune": []}
@@ -423,7 +435,7 @@ def run_study(a) -> dict:
                               load_images(data / "probe" / "test", a.probe_size))
             import torch
             torch.set_num_threads(a.threads)
-            save_probe(key, probe(init_file, a.arch, probe_data))
+            save_probe(key, probe(init_file, a.arch, probe_data, device=a.device))
             print(f"[study] probe {key}: {probes[key]}", flush=True)
         return probes[key]
 
@@ -445,17 +457,23 @@ def run_study(a) -> dict:
     pre_recs = parallel(a.jobs, [
         (runner.run, f"pretrain_{tags[m]}", pretrain_cmd(a, m, data, proposals, pre_dirs[m]),
          pre_dirs[m] / f"ckpt_epoch_{a.pretrain_epochs:04d}.pth", env) for m in pretrained])
+    # every saved epoch (each --probe-every epochs and the last) becomes a detection init, in parallel
+    saved = {m: [e for e in range(1, a.pretrain_epochs + 1)
+                 if (pre_dirs[m] / f"ckpt_epoch_{e:04d}.pth").is_file()] for m in pretrained}
+    conv = parallel(a.jobs, [
+        (runner.run, f"convert_{tags[m]}_epoch{e}",
+         py("transfer/convert.py", pre_dirs[m] / f"ckpt_epoch_{e:04d}.pth", out / "init" / f"{tags[m]}_epoch{e:04d}.pth"),
+         out / "init" / f"{tags[m]}_epoch{e:04d}.pth", env) for m in pretrained for e in saved[m]])
+    conv = iter(conv)
     for m, rec in zip(pretrained, pre_recs):
         tag, pre = tags[m], pre_dirs[m]
         entry = {"status": rec["status"], "wall_s": pretrain_wall(pre) or rec.get("wall_s"),
                  "probe": [{"epoch": 0, **probes["random_init"]}]}
         results["pretrain"][m] = entry
-        for e in range(1, a.pretrain_epochs + 1):
+        for e in saved[m]:
             ckpt = pre / f"ckpt_epoch_{e:04d}.pth"
-            if not ckpt.is_file():
-                continue
             det = out / "init" / f"{tag}_epoch{e:04d}.pth"
-            r = runner.run(f"convert_{tag}_epoch{e}", py("transfer/convert.py", ckpt, det), det, env)
+            r = next(conv)
             if a.report_only and f"{tag}_epoch{e}" not in probes:
                 continue
             if r["status"] == "ok":
@@ -627,6 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
     for key in ("num_classes", "unlabeled_per_class", "probe_per_class", "det_train", "det_select", "det_test",
                 "view_size", "pretrain_epochs", "pretrain_batch", "finetune_iters", "finetune_batch", "probe_size"):
         g.add_argument("--" + key.replace("_", "-"), type=int, default=None)
+    g.add_argument("--probe-every", type=int, default=None,
+                   help="checkpoint (and probe) every N pretraining epochs, and the last")
     g.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
                    help="range of the generated images' height and width (pixels)")
     g.add_argument("--finetune-lr", type=float, default=None, help="fine-tuning base LR (scratch, and all inits "

@@ -167,3 +167,34 @@ def test_gpu_check_tiny_runs_and_prints_one_table():
     assert len(table) == 2 + 2 + 2 + 2  # header, rule, 2 pretraining, train + eval, 2 checks
     assert "pretrain SoCo_FPN faithful" in table[2] and "pretrain SoCo_FPN batched" in table[3]
     assert sum(" ok " in line for line in table) == 2
+
+
+def test_gpu_check_reports_a_failed_measurement_and_runs_the_rest(monkeypatch, capsys):
+    """A measurement that raises is named in the output, the others still run, the exit code is 1."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check
+
+    ran = []
+
+    def fake_pretrain_row(s, head_mode, root, store, amp):
+        ran.append(head_mode)
+        if head_mode == "faithful":
+            raise RuntimeError("boom")
+        return {"what": f"pretrain SoCo_FPN {head_mode}", "setting": "x", "images_s": 1.0,
+                "peak_mib": float("nan"), "mfu": 0.5, "data_wait": 0.1}
+
+    def fake_check(*args):
+        ran.append("check")
+        return {"what": "a check", "values": [1.0, 1.0], "rel_diff": 0.0}
+
+    monkeypatch.setattr(gpu_check, "pretrain_row", fake_pretrain_row)
+    monkeypatch.setattr(gpu_check.bench_pretrain_data, "make_images", lambda *a: "store")
+    monkeypatch.setattr(gpu_check, "make_demo_data", lambda *a, **k: {})
+    monkeypatch.setattr(gpu_check, "detection_rows", lambda s, data: ran.append("det") or [])
+    monkeypatch.setattr(gpu_check, "pretrain_loss_agreement", fake_check)
+    monkeypatch.setattr(gpu_check, "detection_loss_agreement", fake_check)
+    assert gpu_check.main(["--tiny", "--device", "cpu"]) == 1
+    out = capsys.readouterr().out
+    assert ran == ["faithful", "batched", "det", "check", "check"]
+    assert "FAILED: pretrain SoCo_FPN faithful: RuntimeError: boom" in out
+    assert "pretrain SoCo_FPN batched" in out and "50.0%" in out
