@@ -5,8 +5,9 @@ Everything runs on data from the embedded generator (:mod:`demo.data`), through 
 command lines, one run at a time, so the study is a reproducible recipe a user can rerun::
 
     python benchmarks/study_small.py --out study_output                 # the pre-registered session scale
+    python benchmarks/study_small.py --out study_gpu --preset gpu --prepare-only   # data + proposals (CPU)
     python benchmarks/study_small.py --out study_gpu --preset gpu --device cuda --workers 7 --jobs 9
-                                                                        # one GPU, under 10 minutes
+                                                                        # then, on one GPU: < 10 minutes
     python benchmarks/study_small.py --out study_issue --preset issue   # the scale issue 14 asks for (GPU)
     python benchmarks/study_small.py --out /tmp/s --preset tiny         # plumbing check (CI test)
 
@@ -415,6 +416,10 @@ def run_study(a) -> dict:
         runner.run("proposals", py("selective_search/generate_proposals.py", "--image-root", data / "unlabeled",
                                    "--output", raw, "--backend", "soco", "--workers", a.workers,
                                    "--filter", "ratio3size0308post"), proposals / "meta.json", env)
+    if a.prepare_only:
+        print(f"[study] data and proposals ready in {out}; copy that folder to the machine of the runs and "
+              f"call the same command there without --prepare-only", flush=True)
+        return {"preset": a.preset, "sizes": info["sizes"], "counts": info["counts"], "prepared": str(out)}
     probe_data = None
     results = {"preset": a.preset, "sizes": info["sizes"], "counts": info["counts"], "budget": {
         "view_size": a.view_size, "pretrain_epochs": a.pretrain_epochs, "pretrain_batch": a.pretrain_batch,
@@ -427,8 +432,15 @@ def run_study(a) -> dict:
     probes_file = out / "probes.json"
     probes = json.loads(probes_file.read_text()) if probes_file.is_file() else {}
 
+    def refresh() -> None:
+        """Take the entries another study process has written to probes.json since we read it."""
+        if probes_file.is_file():
+            probes.update({k: v for k, v in json.loads(probes_file.read_text()).items() if k not in probes})
+
     def get_probe(key: str, init_file: Path | None) -> dict:
         nonlocal probe_data
+        if "knn_bn" not in probes.get(key, {}):
+            refresh()
         if "knn_bn" not in probes.get(key, {}):
             if probe_data is None:
                 probe_data = (load_images(data / "probe" / "train", a.probe_size),
@@ -479,6 +491,8 @@ def run_study(a) -> dict:
             if r["status"] == "ok":
                 entry["probe"].append({"epoch": e, **get_probe(f"{tag}_epoch{e}", det)})
                 key = f"drift_{tag}_epoch{e}"
+                if key not in probes:
+                    refresh()
                 if key not in probes and not a.report_only:
                     save_probe(key, weight_drift(ckpt))
                 entry["probe"][-1]["drift"] = probes.get(key)
@@ -665,6 +679,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="cpu", help="cpu or cuda")
     r.add_argument("--workers", type=int, default=1, help="data-loader / selective-search processes")
     r.add_argument("--threads", type=int, default=1, help="OMP/torch threads per process")
+    r.add_argument("--prepare-only", action="store_true",
+                   help="make the data and the proposals, then stop (e.g. on a CPU machine, before copying --out "
+                        "to a GPU machine)")
     r.add_argument("--report-only", action="store_true",
                    help="run nothing: write the table of the runs finished so far (the others: 'not run')")
     r.add_argument("--jobs", type=int, default=1,

@@ -103,3 +103,23 @@ def test_report_only_runs_nothing_and_lists_every_run(study, tmp_path):
         ("byol", 1, "not run (no init)")]
     assert res["summary"]["scratch"] == {"seeds_ok": 0, "seeds_total": 2}
     assert "| scratch | 1 | 0.02 | not run |" in (out / "results.md").read_text()
+
+
+def test_prepare_only_makes_data_and_proposals_and_nothing_else(study, tmp_path):
+    out = tmp_path / "prep"
+    res = study.main(["--out", str(out), "--preset", "tiny", "--methods", "scratch", "soco_fpn", "--prepare-only"])
+    assert res["counts"]["unlabeled_images"] == 8 and res["prepared"] == str(out)
+    assert (out / "proposals" / "train_ratio3size0308post.proposals" / "meta.json").is_file()
+    assert (out / "data" / "coco" / "annotations" / "instances_test.json").is_file()
+    assert not (out / "pretrain").exists() and not (out / "probes.json").exists()
+    assert [r["name"] for r in study.read_runs(out / "runs.jsonl")] == ["proposals"]
+
+
+def test_probes_on_disk_are_used_not_recomputed(study, tmp_path):
+    """probes.json entries already on disk (e.g. written by another study process) are taken as they are."""
+    out = tmp_path / "shared"
+    out.mkdir()
+    written = {"knn": 0.5, "linear": 0.25, "emb_spread": 0.1, "knn_bn": 0.75, "linear_bn": 0.5, "emb_spread_bn": 0.2}
+    (out / "probes.json").write_text(json.dumps({"random_init": written}))
+    res = study.main(["--out", str(out), "--preset", "tiny", "--methods", "scratch", "--seeds", "--report-only"])
+    assert res["pretrain"]["scratch"]["probe"] == [{"epoch": 0, **written}]
