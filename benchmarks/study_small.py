@@ -699,6 +699,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
+    if a.device.startswith("cuda") and not (a.prepare_only or a.report_only):
+        import torch
+
+        if not torch.cuda.is_available():  # fail now, not after the data and the proposals
+            raise SystemExit(f"error: --device {a.device}: CUDA is not available on this machine "
+                             f"(use --device cpu, or --prepare-only to make the data here)")
     return run_study(a)
 
 

@@ -123,3 +123,10 @@ def test_probes_on_disk_are_used_not_recomputed(study, tmp_path):
     (out / "probes.json").write_text(json.dumps({"random_init": written}))
     res = study.main(["--out", str(out), "--preset", "tiny", "--methods", "scratch", "--seeds", "--report-only"])
     assert res["pretrain"]["scratch"]["probe"] == [{"epoch": 0, **written}]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_cuda_without_cuda_fails_before_any_work(study, tmp_path):
+    with pytest.raises(SystemExit, match="CUDA is not available"):
+        study.main(["--out", str(tmp_path / "s"), "--preset", "tiny", "--device", "cuda"])
+    assert not (tmp_path / "s").exists()
