@@ -20,9 +20,10 @@ Steps (each skipped when its output exists, so an interrupted study resumes run 
 2. selective-search proposals on the unlabeled folder (``--backend soco``, ``ratio3size0308post``).
 3. pretraining of every method with the same backbone, view size, batch and epochs (same images
    seen); one checkpoint per epoch.
-4. probes of every epoch's checkpoint (and of the random initialisation): k-nearest-neighbour and
-   linear-probe accuracy on the classification set, and the spread of the normalised embeddings
-   (collapse detector).
+4. probes of every saved checkpoint (and of the random initialisation): k-nearest-neighbour and
+   linear-probe accuracy on the classification set and on ground-truth box crops of the detection
+   set (object probe: ``train`` crops to fit, ``select`` crops to test), and the spread of the
+   normalised embeddings (collapse detector).
 5. conversion of the last checkpoint to a detection initialisation; fine-tuning of a Faster R-CNN
    FPN from scratch and from every initialisation with the same recipe over several seeds;
    COCO box AP on the evaluated split.
@@ -215,6 +216,43 @@ def load_images(folder: Path, size: int):
             ys.append(c)
     x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous()
     return x, torch.tensor(ys)
+
+
+def load_box_crops(images_dir: Path, ann_json: Path, size: int, min_side: float = 12.0):
+    """Every non-crowd ground-truth box of a COCO-style split, cropped and resized: the object probe's data.
+
+    Boxes are COCO ``[x, y, w, h]`` in pixels; the crop is the box itself (rounded outwards, clipped
+    to the image) resized to ``size``² (bilinear, aspect not kept). Boxes whose shorter side is below
+    ``min_side`` pixels are skipped.
+
+    Returns:
+        float32[N, 3, size, size] in 0-1 and int64 labels[N] (index of the category id in the sorted
+        list of the file's category ids).
+    """
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    d = json.loads(Path(ann_json).read_text())
+    cat_index = {c: i for i, c in enumerate(sorted(c["id"] for c in d["categories"]))}
+    files = {im["id"]: im["file_name"] for im in d["images"]}
+    by_image: dict[int, list] = {}
+    for ann in d["annotations"]:
+        if not ann.get("iscrowd") and min(ann["bbox"][2:]) >= min_side:
+            by_image.setdefault(ann["image_id"], []).append(ann)
+    xs, ys = [], []
+    for image_id in sorted(by_image):
+        img = Image.open(Path(images_dir) / files[image_id]).convert("RGB")
+        for ann in by_image[image_id]:
+            x, y, w, h = ann["bbox"]
+            box = (max(0, math.floor(x)), max(0, math.floor(y)), min(img.width, math.ceil(x + w)),
+                   min(img.height, math.ceil(y + h)))
+            crop = img.crop(box).resize((size, size), Image.BILINEAR)
+            xs.append(np.asarray(crop, np.float32) / 255.0)
+            ys.append(cat_index[ann["category_id"]])
+    if not xs:
+        return torch.zeros(0, 3, size, size), torch.zeros(0, dtype=torch.long)
+    return torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous(), torch.tensor(ys)
 
 
 def backbone_features(init_file: Path | None, arch: str, xs, seed: int = 0, recalibrate=None,
@@ -420,7 +458,7 @@ def run_study(a) -> dict:
         print(f"[study] data and proposals ready in {out}; copy that folder to the machine of the runs and "
               f"call the same command there without --prepare-only", flush=True)
         return {"preset": a.preset, "sizes": info["sizes"], "counts": info["counts"], "prepared": str(out)}
-    probe_data = None
+    probe_data = object_data = None
     results = {"preset": a.preset, "sizes": info["sizes"], "counts": info["counts"], "budget": {
         "view_size": a.view_size, "pretrain_epochs": a.pretrain_epochs, "pretrain_batch": a.pretrain_batch,
         "images_seen": a.pretrain_epochs * info["counts"]["unlabeled_images"], "finetune_iters": a.finetune_iters,
@@ -438,17 +476,35 @@ def run_study(a) -> dict:
             probes.update({k: v for k, v in json.loads(probes_file.read_text()).items() if k not in probes})
 
     def get_probe(key: str, init_file: Path | None) -> dict:
-        nonlocal probe_data
-        if "knn_bn" not in probes.get(key, {}):
+        """Image probe (classification set) and object probe (ground-truth box crops) of one backbone."""
+        nonlocal probe_data, object_data
+        if "knn_bn" not in probes.get(key, {}) or "obj_knn_bn" not in probes.get(key, {}):
             refresh()
-        if "knn_bn" not in probes.get(key, {}):
+        entry = dict(probes.get(key, {}))
+        if "knn_bn" not in entry or "obj_knn_bn" not in entry:
+            import torch
+            torch.set_num_threads(a.threads)
+        if "knn_bn" not in entry:
             if probe_data is None:
                 probe_data = (load_images(data / "probe" / "train", a.probe_size),
                               load_images(data / "probe" / "test", a.probe_size))
-            import torch
-            torch.set_num_threads(a.threads)
-            save_probe(key, probe(init_file, a.arch, probe_data, device=a.device))
-            print(f"[study] probe {key}: {probes[key]}", flush=True)
+            entry.update(probe(init_file, a.arch, probe_data, device=a.device))
+            save_probe(key, entry)
+        if "obj_knn_bn" not in entry:
+            if object_data is None:
+                coco = data / "coco"
+                object_data = (load_box_crops(coco / "train", coco / "annotations" / "instances_train.json",
+                                              a.object_probe_size),
+                               load_box_crops(coco / "val", coco / "annotations" / "instances_select.json",
+                                              a.object_probe_size))
+            (xtr, ytr), (xte, _) = object_data
+            if len(xte) and len(ytr.unique()) > 1:
+                entry.update({f"obj_{k}": v for k, v in probe(init_file, a.arch, object_data, device=a.device).items()})
+            else:  # too few boxes (tiny sets): recorded as not measurable
+                entry.update({f"obj_{k}": None for k in ("knn", "linear", "emb_spread", "knn_bn", "linear_bn",
+                                                          "emb_spread_bn")})
+            save_probe(key, entry)
+            print(f"[study] probe {key}: {entry}", flush=True)
         return probes[key]
 
     def save_probe(key: str, value: dict) -> None:
@@ -608,8 +664,9 @@ def markdown_table(res: dict) -> str:
              f"{b['detector']}, {b['finetune_iters']} iterations of {b['finetune_batch']} images, LR {b['finetune_lr']}"
              + (f" (pretrained inits: {b['pretrain_lr']})" if b["pretrain_lr"] is not None else "")
              + f", seeds {b['seeds']}; box AP (percent) on the `{b['eval_split']}` split.", "",
-             "| init | pretraining wall (s) | kNN acc* | linear acc* | embedding spread* | box AP | AP50 | seeds ok |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| init | pretraining wall (s) | kNN acc* | linear acc* | embedding spread* | object kNN / linear* | "
+             "box AP | AP50 | seeds ok |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for m, s in res["summary"].items():
         pre = res["pretrain"].get(m, {})
         last = pre.get("probe", [{}])[-1] if pre.get("probe") else {}
@@ -617,20 +674,25 @@ def markdown_table(res: dict) -> str:
         ap50 = f"{s['AP50']['mean']:.2f} ± {s['AP50']['std']:.2f}" if "AP50" in s else "n/a"
         wall = pre.get("wall_s")
         lines.append(f"| {m} | {wall if wall is not None else '-'} | {last.get('knn_bn', 'n/a')} | "
-                     f"{last.get('linear_bn', 'n/a')} | {last.get('emb_spread_bn', 'n/a')} | {ap} | {ap50} | "
+                     f"{last.get('linear_bn', 'n/a')} | {last.get('emb_spread_bn', 'n/a')} | "
+                     f"{last.get('obj_knn_bn', 'n/a')} / {last.get('obj_linear_bn', 'n/a')} | {ap} | {ap50} | "
                      f"{s['seeds_ok']}/{s['seeds_total']} |")
     lines += ["", "\\* probes of the last checkpoint with BatchNorm statistics re-estimated on the probe's training "
-              "images; chance is 1 / number of classes.", "",
+              "images; chance is 1 / number of classes. Object probe: ground-truth box crops of the detection "
+              "`train` split (probe training) and `select` split (probe test).", "",
               "Probes over pretraining (epoch 0 = the random initialisation):", "",
               "| init | epoch | kNN acc | linear acc | embedding spread | kNN, BN re-estimated | linear, BN "
-              "re-estimated | conv drift median / max | BN gamma drift |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "re-estimated | object kNN / linear | object kNN / linear, BN re-estimated | conv drift median / max "
+              "| BN gamma drift |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m, pre in res["pretrain"].items():
         for p in pre.get("probe", []):
             d = p.get("drift")
             drift = f"{d['conv_median']:.4f} / {d['conv_max']:.4f} | {d['bn_weight_median']:.4f}" if d else "- | -"
             lines.append(f"| {m} | {p['epoch']} | {p['knn']} | {p['linear']} | {p['emb_spread']} | "
-                         f"{p.get('knn_bn', '-')} | {p.get('linear_bn', '-')} | {drift} |")
+                         f"{p.get('knn_bn', '-')} | {p.get('linear_bn', '-')} | {p.get('obj_knn', '-')} / "
+                         f"{p.get('obj_linear', '-')} | {p.get('obj_knn_bn', '-')} / {p.get('obj_linear_bn', '-')} | "
+                         f"{drift} |")
     lines += ["", "Every fine-tuning run (loss: the logged training loss at the first and last print):", "",
               "| init | seed | LR | status | AP | AP50 | AP75 | loss first → last | wall (s) |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -659,6 +721,8 @@ def build_parser() -> argparse.ArgumentParser:
     for key in ("num_classes", "unlabeled_per_class", "probe_per_class", "det_train", "det_select", "det_test",
                 "view_size", "pretrain_epochs", "pretrain_batch", "finetune_iters", "finetune_batch", "probe_size"):
         g.add_argument("--" + key.replace("_", "-"), type=int, default=None)
+    g.add_argument("--object-probe-size", type=int, default=64,
+                   help="side (pixels) of the ground-truth box crops of the object probe")
     g.add_argument("--probe-every", type=int, default=None,
                    help="checkpoint (and probe) every N pretraining epochs, and the last")
     g.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),

@@ -80,6 +80,7 @@ def test_tiny_study_end_to_end_and_resume(study, tmp_path):
     rows = {r["method"]: r for r in res["finetune"]}
     assert rows["scratch"]["status"] == "ok" and rows["soco_fpn"]["status"] == "ok", res["finetune"]
     assert [p["epoch"] for p in res["pretrain"]["soco_fpn"]["probe"]] == [0, 1]
+    assert all("obj_knn_bn" in p for p in res["pretrain"]["soco_fpn"]["probe"])  # the object probe ran too
     # the rebuilt initial weights match the run's: 2 warmup iterations move convolutions by far less
     # than an unrelated random initialisation would (relative distance about 1.4)
     drift = res["pretrain"]["soco_fpn"]["probe"][1]["drift"]
@@ -120,6 +121,7 @@ def test_probes_on_disk_are_used_not_recomputed(study, tmp_path):
     out = tmp_path / "shared"
     out.mkdir()
     written = {"knn": 0.5, "linear": 0.25, "emb_spread": 0.1, "knn_bn": 0.75, "linear_bn": 0.5, "emb_spread_bn": 0.2}
+    written.update({f"obj_{k}": v / 2 for k, v in written.items()})
     (out / "probes.json").write_text(json.dumps({"random_init": written}))
     res = study.main(["--out", str(out), "--preset", "tiny", "--methods", "scratch", "--seeds", "--report-only"])
     assert res["pretrain"]["scratch"]["probe"] == [{"epoch": 0, **written}]
@@ -130,3 +132,28 @@ def test_cuda_without_cuda_fails_before_any_work(study, tmp_path):
     with pytest.raises(SystemExit, match="CUDA is not available"):
         study.main(["--out", str(tmp_path / "s"), "--preset", "tiny", "--device", "cuda"])
     assert not (tmp_path / "s").exists()
+
+
+def test_box_crops_cut_each_box_and_map_categories(study, tmp_path):
+    """Hand-made image: a red box at x 10-18, y 5-16 and a blue one at x 24-35, y 14-27 (inclusive pixels)."""
+    import numpy as np
+    from PIL import Image
+
+    img = np.zeros((30, 40, 3), np.uint8)
+    img[5:17, 10:19] = (255, 0, 0)
+    img[14:28, 24:36] = (0, 0, 255)
+    Image.fromarray(img).save(tmp_path / "a.png")
+    ann = {"images": [{"id": 1, "file_name": "a.png", "height": 30, "width": 40}],
+           "categories": [{"id": 7, "name": "b"}, {"id": 3, "name": "a"}],
+           "annotations": [
+               {"id": 1, "image_id": 1, "category_id": 3, "bbox": [10, 5, 9, 12], "iscrowd": 0},     # red
+               {"id": 2, "image_id": 1, "category_id": 7, "bbox": [24, 14, 12, 14], "iscrowd": 0},   # blue
+               {"id": 3, "image_id": 1, "category_id": 7, "bbox": [0, 0, 30, 5], "iscrowd": 0},      # 5 px: skipped
+               {"id": 4, "image_id": 1, "category_id": 3, "bbox": [0, 0, 40, 30], "iscrowd": 1}]}    # crowd: skipped
+    (tmp_path / "a.json").write_text(json.dumps(ann))
+    x, y = study.load_box_crops(tmp_path, tmp_path / "a.json", size=16, min_side=8)
+    assert x.shape == (2, 3, 16, 16) and y.tolist() == [0, 1]  # category 3 -> 0, 7 -> 1
+    assert torch.allclose(x[0], torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1).expand(3, 16, 16))
+    assert torch.allclose(x[1], torch.tensor([0.0, 0.0, 1.0]).view(3, 1, 1).expand(3, 16, 16))
+    empty_x, empty_y = study.load_box_crops(tmp_path, tmp_path / "a.json", size=16, min_side=20)
+    assert empty_x.shape == (0, 3, 16, 16) and empty_y.shape == (0,)
