@@ -204,7 +204,6 @@ def split_coco_json(val_json: Path, n_select: int, ann_dir: Path) -> None:
 def load_images(folder: Path, size: int):
     """All ``<class>/*.JPEG`` images of ``folder`` resized to ``size``² as float32[N, 3, S, S] in 0-1, labels[N]."""
     import numpy as np
-    import torch
     from PIL import Image
 
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
@@ -214,8 +213,17 @@ def load_images(folder: Path, size: int):
             img = Image.open(f).convert("RGB").resize((size, size), Image.BILINEAR)
             xs.append(np.asarray(img, np.float32) / 255.0)
             ys.append(c)
-    x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous()
-    return x, torch.tensor(ys)
+    return _batch(xs, ys, size)
+
+
+def _batch(xs: list, ys: list, size: int):
+    """HWC float32 images in 0-1 and their labels -> float32[N, 3, size, size], int64[N] (N may be 0)."""
+    import numpy as np
+    import torch
+
+    if not xs:
+        return torch.zeros(0, 3, size, size), torch.zeros(0, dtype=torch.long)
+    return torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous(), torch.tensor(ys, dtype=torch.long)
 
 
 def load_box_crops(images_dir: Path, ann_json: Path, size: int, min_side: float = 12.0):
@@ -230,7 +238,6 @@ def load_box_crops(images_dir: Path, ann_json: Path, size: int, min_side: float 
         list of the file's category ids).
     """
     import numpy as np
-    import torch
     from PIL import Image
 
     d = json.loads(Path(ann_json).read_text())
@@ -250,9 +257,7 @@ def load_box_crops(images_dir: Path, ann_json: Path, size: int, min_side: float 
             crop = img.crop(box).resize((size, size), Image.BILINEAR)
             xs.append(np.asarray(crop, np.float32) / 255.0)
             ys.append(cat_index[ann["category_id"]])
-    if not xs:
-        return torch.zeros(0, 3, size, size), torch.zeros(0, dtype=torch.long)
-    return torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous(), torch.tensor(ys)
+    return _batch(xs, ys, size)
 
 
 def backbone_features(init_file: Path | None, arch: str, xs, seed: int = 0, recalibrate=None,
@@ -478,10 +483,10 @@ def run_study(a) -> dict:
     def get_probe(key: str, init_file: Path | None) -> dict:
         """Image probe (classification set) and object probe (ground-truth box crops) of one backbone."""
         nonlocal probe_data, object_data
-        if "knn_bn" not in probes.get(key, {}) or "obj_knn_bn" not in probes.get(key, {}):
+        if not {"knn_bn", "obj_knn_bn"} <= probes.get(key, {}).keys():
             refresh()
         entry = dict(probes.get(key, {}))
-        if "knn_bn" not in entry or "obj_knn_bn" not in entry:
+        if not {"knn_bn", "obj_knn_bn"} <= entry.keys():
             import torch
             torch.set_num_threads(a.threads)
         if "knn_bn" not in entry:
