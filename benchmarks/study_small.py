@@ -442,7 +442,14 @@ def finetune_cmd(a, init: str, data: Path, split: str, seed: int, out: Path, lr:
               "--max-iter", n, "--steps", round(0.8 * n), round(0.94 * n),
               "--warmup-iters", max(1, n // 10), "--batch-size", a.finetune_batch,
               "--reference-batch", a.finetune_batch, "--base-lr", lr, "--num-workers", min(a.workers, 1),
-              "--checkpoint-period", max(n, 1), "--print-freq", 20, "--output-dir", out, "--no-auto-resume")
+              "--checkpoint-period", max(n, 1), "--print-freq", 20, "--output-dir", out, "--no-auto-resume",
+              *(["--init-parts", *a.init_parts] if a.init_parts and init != "scratch" else []))
+
+
+def finetune_tag(a, method: str, lr: float, seed: int) -> str:
+    """Name of one fine-tuning run: ``<method>_lr<lr>[_parts-<parts>]_seed<seed>``."""
+    parts = f"_parts-{'-'.join(a.init_parts)}" if a.init_parts and method != "scratch" else ""
+    return f"{method}_lr{lr:g}{parts}_seed{seed}"
 
 
 def run_study(a) -> dict:
@@ -470,7 +477,7 @@ def run_study(a) -> dict:
         "finetune_batch": a.finetune_batch, "finetune_lr": a.finetune_lr, "pretrain_lr": a.finetune_lr_pretrained,
         "pretrain_base_lr": a.pretrain_base_lr, "probe_every": a.probe_every, "device": a.device,
         "pretrain_peak_lr": a.pretrain_base_lr * a.pretrain_batch / 256,
-        "seeds": list(a.seeds), "eval_split": a.eval_split, "detector": "fasterrcnn_fpn", "backbone": a.arch},
+        "seeds": list(a.seeds), "eval_split": a.eval_split, "init_parts": list(a.init_parts or []), "detector": "fasterrcnn_fpn", "backbone": a.arch},
         "pretrain": {}, "finetune": []}
     probes_file = out / "probes.json"
     probes = json.loads(probes_file.read_text()) if probes_file.is_file() else {}
@@ -568,10 +575,11 @@ def run_study(a) -> dict:
                 rows.append({"method": m, "seed": seed, "status": "not run (no init)"})
                 continue
             lr = a.finetune_lr if m == "scratch" or a.finetune_lr_pretrained is None else a.finetune_lr_pretrained
-            ft = out / "finetune" / a.eval_split / f"{m}_lr{lr:g}_seed{seed}"
+            tag = finetune_tag(a, m, lr, seed)
+            ft = out / "finetune" / a.eval_split / tag
             row = {"method": m, "seed": seed, "lr": lr, "dir": ft}
             rows.append(row)
-            jobs.append((runner.run, f"finetune_{a.eval_split}_{m}_lr{lr:g}_seed{seed}",
+            jobs.append((runner.run, f"finetune_{a.eval_split}_{tag}",
                          finetune_cmd(a, inits[m], data, a.eval_split, seed, ft, lr), ft / "metrics.json", env))
     recs = iter(parallel(a.jobs, jobs))
     for row in rows:
@@ -668,6 +676,7 @@ def markdown_table(res: dict) -> str:
              f"{b['pretrain_epochs']} epochs = {b['images_seen']} images seen per method. Fine-tuning: "
              f"{b['detector']}, {b['finetune_iters']} iterations of {b['finetune_batch']} images, LR {b['finetune_lr']}"
              + (f" (pretrained inits: {b['pretrain_lr']})" if b["pretrain_lr"] is not None else "")
+             + (f", pretrained inits load only {' + '.join(b['init_parts'])}" if b.get("init_parts") else "")
              + f", seeds {b['seeds']}; box AP (percent) on the `{b['eval_split']}` split.", "",
              "| init | pretraining wall (s) | kNN acc* | linear acc* | embedding spread* | object kNN / linear* | "
              "box AP | AP50 | seeds ok |",
@@ -739,6 +748,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pretrain-base-lr", type=float, default=None,
                    help="pretraining LR per 256 images (peak LR = this x batch / 256); see docs/study_small.md "
                         "for why the small-batch presets raise it")
+    g.add_argument("--init-parts", nargs="+", default=None, choices=("backbone", "fpn", "box_head"),
+                   help="parts of the pretrained init files that fine-tuning loads (transfer/finetune.py "
+                        "--init-parts; default: all they hold); the runs get their own folders")
     g.add_argument("--seeds", type=int, nargs="*", default=None,
                    help="fine-tuning seeds (none: pretraining and probes only)")
     r = p.add_argument_group("runtime")

@@ -183,7 +183,7 @@ def test_tiny_cpu_recipe_runs(tiny_data, tmp_path):
     assert ckpt["backbone"] == "timm:resnet18" and ckpt["step"] == 1
     assert ckpt["config"]["aug"] == "ImageAsymBboxAwareMultiJitter1Cutout"
     record = _records(tmp_path)[0]
-    assert np.isfinite(record["loss"]) and record["lr"] == pytest.approx(1.0 * 8 / 256 / 100)
+    assert np.isfinite(record["loss"]) and record["lr"] == pytest.approx(32.0 * 8 / 256 / 100)  # peak 1.0, warmup from 1/100
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 
@@ -209,7 +209,9 @@ def _check_tiny_cpu(args):
     assert args.aware_range == [math.ceil(t * 64 / 224) for t in (48, 96, 192, 224)] + [0] == [14, 28, 55, 64, 0]
     reference = argparse.Namespace(
         **parse_config(PretrainConfig, ["--config", str(CONFIGS / "SoCo_FPN_100ep.yaml")]).to_dict())
-    for key in ("aug", "optimizer", "base_lr", "weight_decay", "contrast_momentum", "crop", "jitter_prob",
+    # base LR raised so that LARS moves the convolutions at batch 8: peak LR 32 x 8 / 256 = 1.0 (study D1)
+    assert args.base_lr * args.batch_size / 256 == 1.0
+    for key in ("aug", "optimizer", "weight_decay", "contrast_momentum", "crop", "jitter_prob",
                 "cutout_prob", "warmup_multiplier", "eta_min", "select_k", "padding_k", "momentum"):
         assert getattr(args, key) == getattr(reference, key), key
 

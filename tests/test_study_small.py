@@ -157,3 +157,18 @@ def test_box_crops_cut_each_box_and_map_categories(study, tmp_path):
     assert torch.allclose(x[1], torch.tensor([0.0, 0.0, 1.0]).view(3, 1, 1).expand(3, 16, 16))
     empty_x, empty_y = study.load_box_crops(tmp_path, tmp_path / "a.json", size=16, min_side=20)
     assert empty_x.shape == (0, 3, 16, 16) and empty_y.shape == (0,)
+
+
+def test_init_parts_reach_pretrained_runs_only_and_name_their_folders(study, tmp_path):
+    a = study.parse_args(["--out", str(tmp_path), "--preset", "tiny", "--init-parts", "backbone", "fpn"])
+    data = tmp_path / "data"
+    soco = study.finetune_cmd(a, "init/soco.pth", data, "select", 1, tmp_path / "ft", 0.02)
+    assert soco[soco.index("--init-parts"):][:3] == ["--init-parts", "backbone", "fpn"]
+    assert "--init-parts" not in study.finetune_cmd(a, "scratch", data, "select", 1, tmp_path / "ft", 0.02)
+    assert study.finetune_tag(a, "soco_fpn", 0.02, 1) == "soco_fpn_lr0.02_parts-backbone-fpn_seed1"
+    assert study.finetune_tag(a, "scratch", 0.02, 1) == "scratch_lr0.02_seed1"
+    plain = study.parse_args(["--out", str(tmp_path), "--preset", "tiny"])
+    assert "--init-parts" not in study.finetune_cmd(plain, "init/soco.pth", data, "select", 1, tmp_path / "ft", 0.02)
+    assert study.finetune_tag(plain, "soco_fpn", 0.02, 1) == "soco_fpn_lr0.02_seed1"
+    with pytest.raises(SystemExit):
+        study.parse_args(["--out", str(tmp_path), "--init-parts", "res5"])
