@@ -132,9 +132,9 @@ def summary(a: argparse.Namespace, timings: dict) -> None:
     for k, v in timings.items():
         print(f"{k:{width}s}  " + (f"{v:7.1f} s" if v is not None else "skipped (done before)"))
     print(f"{'total':{width}s}  {sum(v for v in timings.values() if v is not None):7.1f} s")
-    print("\nThe demo checks that every stage runs; it does not measure pretraining. Its 30-iteration "
-          "pretraining barely moves the backbone's convolutions, so the SoCo row is not expected to beat "
-          "scratch. Whether pretraining helps at small budgets: docs/study_small.md "
+    print("\nThe demo checks that every stage runs; it does not measure pretraining. Its pretraining sees "
+          "240 images (30 iterations), far too few to learn features, so the SoCo row is not expected to "
+          "beat scratch. Whether pretraining helps at small budgets: docs/study_small.md "
           "(python benchmarks/study_small.py).")
 
 
