@@ -27,7 +27,10 @@ Steps (each skipped when its output exists, so an interrupted study resumes run 
 5. conversion of the last checkpoint to a detection initialisation; fine-tuning of a Faster R-CNN
    FPN from scratch and from every initialisation with the same recipe over several seeds;
    COCO box AP on the evaluated split.
-6. ``results.json`` and ``results.md`` (sizes, budgets, every run with its status, mean ± std).
+6. ``results.json`` and ``results.md`` (sizes, budgets, every run with its status, mean ± std);
+   a call on the ``select`` split or with ``--init-parts`` writes ``results_select.md``,
+   ``results_parts-backbone.md``, ``results_select_parts-backbone.md`` ... instead, so the main
+   table is never replaced by a partial one.
 
 A run that fails is recorded with its exit code and log and the study goes on; a later call retries
 it. See docs/study_small.md for the protocol and the results.
@@ -101,6 +104,7 @@ class Runner:
         rec = {"name": name, "cmd": " ".join(shlex.quote(str(c)) for c in cmd), "log": str(log)}
         if done.exists():
             stamp = self._last(name)
+            print(f"[study] {name}: done before, skipped", flush=True)
             return {**(stamp or rec), "status": "ok", "skipped": True}
         if self.report_only:
             return {**rec, "status": "not run"}
@@ -577,7 +581,8 @@ def run_study(a) -> dict:
             lr = a.finetune_lr if m == "scratch" or a.finetune_lr_pretrained is None else a.finetune_lr_pretrained
             tag = finetune_tag(a, m, lr, seed)
             ft = out / "finetune" / a.eval_split / tag
-            row = {"method": m, "seed": seed, "lr": lr, "dir": ft}
+            row = {"method": m, "seed": seed, "lr": lr, "dir": ft,
+                   "init_parts": None if m == "scratch" else list(a.init_parts or ["all"])}
             rows.append(row)
             jobs.append((runner.run, f"finetune_{a.eval_split}_{tag}",
                          finetune_cmd(a, inits[m], data, a.eval_split, seed, ft, lr), ft / "metrics.json", env))
@@ -598,10 +603,18 @@ def run_study(a) -> dict:
     results["failed_runs"] = [r for r in read_runs(runner.runs_file) if r["status"] != "ok"]
     results["probes"] = probes
     from socokit.fileio import atomic_save_json
-    atomic_save_json(results, str(out / "results.json"))
-    (out / "results.md").write_text(markdown_table(results))
-    print((out / "results.md").read_text())
+    name = results_name(a)
+    atomic_save_json(results, str(out / f"{name}.json"))
+    (out / f"{name}.md").write_text(markdown_table(results))
+    print((out / f"{name}.md").read_text())
+    print(f"[study] table: {out / (name + '.md')} (and {name}.json)", flush=True)
     return results
+
+
+def results_name(a) -> str:
+    """``results`` for the main table (``test`` split, whole init files), else a name of its own."""
+    return ("results" + (f"_{a.eval_split}" if a.eval_split != "test" else "")
+            + (f"_parts-{'-'.join(a.init_parts)}" if a.init_parts else ""))
 
 
 def pretrain_losses(pre: Path) -> list[dict]:
@@ -666,6 +679,12 @@ def summarise(rows: list[dict], methods) -> dict:
     return out
 
 
+def _label(method: str, budget: dict) -> str:
+    """Row name: the method, with the loaded init parts when the call restricted them."""
+    parts = budget.get("init_parts")
+    return f"{method} ({' + '.join(parts)} only)" if parts and method != "scratch" else method
+
+
 def markdown_table(res: dict) -> str:
     b, c = res["budget"], res["counts"]
     lines = [f"Preset `{res['preset']}`: {c['unlabeled_images']} unlabeled scenes, probe {c['probe_train_images']} / "
@@ -673,7 +692,8 @@ def markdown_table(res: dict) -> str:
              f"{c['det_select_images']} / test {c['det_test_images']} images (sizes {res['sizes']['image_size']} px).",
              f"Pretraining: {b['backbone']}, {b['view_size']}-px views, batch {b['pretrain_batch']}, LARS peak LR "
              f"{b['pretrain_peak_lr']:g} (base {b['pretrain_base_lr']:g}), "
-             f"{b['pretrain_epochs']} epochs = {b['images_seen']} images seen per method. Fine-tuning: "
+             f"{b['pretrain_epochs']} epoch{'s' if b['pretrain_epochs'] != 1 else ''} = {b['images_seen']} "
+             "images seen per method. Fine-tuning: "
              f"{b['detector']}, {b['finetune_iters']} iterations of {b['finetune_batch']} images, LR {b['finetune_lr']}"
              + (f" (pretrained inits: {b['pretrain_lr']})" if b["pretrain_lr"] is not None else "")
              + (f", pretrained inits load only {' + '.join(b['init_parts'])}" if b.get("init_parts") else "")
@@ -683,11 +703,12 @@ def markdown_table(res: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for m, s in res["summary"].items():
         pre = res["pretrain"].get(m, {})
+        label = _label(m, b)
         last = pre.get("probe", [{}])[-1] if pre.get("probe") else {}
         ap = f"{s['AP']['mean']:.2f} ± {s['AP']['std']:.2f}" if "AP" in s else "n/a"
         ap50 = f"{s['AP50']['mean']:.2f} ± {s['AP50']['std']:.2f}" if "AP50" in s else "n/a"
         wall = pre.get("wall_s")
-        lines.append(f"| {m} | {wall if wall is not None else '-'} | {last.get('knn_bn', 'n/a')} | "
+        lines.append(f"| {label} | {wall if wall is not None else '-'} | {last.get('knn_bn', 'n/a')} | "
                      f"{last.get('linear_bn', 'n/a')} | {last.get('emb_spread_bn', 'n/a')} | "
                      f"{last.get('obj_knn_bn', 'n/a')} / {last.get('obj_linear_bn', 'n/a')} | {ap} | {ap50} | "
                      f"{s['seeds_ok']}/{s['seeds_total']} |")
@@ -713,7 +734,7 @@ def markdown_table(res: dict) -> str:
     for r in res["finetune"]:
         cells = [f"{r[k]:.2f}" if isinstance(r.get(k), (int, float)) else "-" for k in ("AP", "AP50", "AP75")]
         loss = (f"{r['loss_first']:.3f} → {r['loss_last']:.3f}" if r.get("loss_first") is not None else "-")
-        lines.append(f"| {r['method']} | {r['seed']} | {r.get('lr', '-')} | {r['status']} | {' | '.join(cells)} | "
+        lines.append(f"| {_label(r['method'], b)} | {r['seed']} | {r.get('lr', '-')} | {r['status']} | {' | '.join(cells)} | "
                      f"{loss} | {r.get('wall_s', '-')} |")
     if res["failed_runs"]:
         lines += ["", "Failed runs (each retried by the next call):", ""]
@@ -725,16 +746,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="study_output", help="folder of every artifact, results.json and results.md")
     p.add_argument("--preset", choices=sorted(PRESETS), default="session",
-                   help="sizes and budgets (see PRESETS); the flags below override single entries")
+                   help="sizes and budgets (docs/study_small.md section 2; PRESETS at the top of this file); "
+                        "the flags below override single entries")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=["scratch", "byol", "soco_fpn"],
-                   help="initialisations to compare")
+                   help="initialisations to compare (soco_fpn_assigned: SoCo_FPN pretrained with "
+                        "--roi-levels assigned, each proposal pooled from its FPN level only)")
     p.add_argument("--eval-split", choices=EVAL_SPLITS, default="test",
                    help="detection split to evaluate: 'select' only for choosing hyperparameters, "
                         "'test' for the reported table")
     g = p.add_argument_group("sizes (default: the preset's)")
-    for key in ("num_classes", "unlabeled_per_class", "probe_per_class", "det_train", "det_select", "det_test",
-                "view_size", "pretrain_epochs", "pretrain_batch", "finetune_iters", "finetune_batch", "probe_size"):
-        g.add_argument("--" + key.replace("_", "-"), type=int, default=None)
+    sizes = {"num_classes": "shape classes of the generated scenes",
+             "unlabeled_per_class": "unlabeled pretraining scenes per class",
+             "probe_per_class": "probe classification images per class (train and test each)",
+             "det_train": "detection images to fine-tune on", "det_select": "detection images of the 'select' "
+             "split (choosing hyperparameters)", "det_test": "detection images of the 'test' split (the table)",
+             "view_size": "pretraining view side (pixels)", "pretrain_epochs": "pretraining epochs",
+             "pretrain_batch": "pretraining batch", "finetune_iters": "fine-tuning iterations",
+             "finetune_batch": "fine-tuning batch (images per iteration)",
+             "probe_size": "side (pixels) the probe images are resized to"}
+    for key, text in sizes.items():
+        g.add_argument("--" + key.replace("_", "-"), type=int, default=None, help=text)
     g.add_argument("--object-probe-size", type=int, default=64,
                    help="side (pixels) of the ground-truth box crops of the object probe")
     g.add_argument("--probe-every", type=int, default=None,
@@ -750,7 +781,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "for why the small-batch presets raise it")
     g.add_argument("--init-parts", nargs="+", default=None, choices=("backbone", "fpn", "box_head"),
                    help="parts of the pretrained init files that fine-tuning loads (transfer/finetune.py "
-                        "--init-parts; default: all they hold); the runs get their own folders")
+                        "--init-parts; default: all they hold). A SoCo_FPN file holds the backbone, the FPN and "
+                        "the box head trained by the pretext task, a BYOL file the backbone only; loading the "
+                        "backbone alone starts FPN and head as scratch does (docs/study_small.md, D3). The runs "
+                        "get their own folders and table (results_parts-....md)")
     g.add_argument("--seeds", type=int, nargs="*", default=None,
                    help="fine-tuning seeds (none: pretraining and probes only)")
     r = p.add_argument_group("runtime")

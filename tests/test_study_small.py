@@ -79,6 +79,7 @@ def test_tiny_study_end_to_end_and_resume(study, tmp_path):
     assert res["counts"]["unlabeled_images"] == 8 and res["counts"]["det_test_images"] == 2
     rows = {r["method"]: r for r in res["finetune"]}
     assert rows["scratch"]["status"] == "ok" and rows["soco_fpn"]["status"] == "ok", res["finetune"]
+    assert rows["scratch"]["init_parts"] is None and rows["soco_fpn"]["init_parts"] == ["all"]
     assert [p["epoch"] for p in res["pretrain"]["soco_fpn"]["probe"]] == [0, 1]
     assert all("obj_knn_bn" in p for p in res["pretrain"]["soco_fpn"]["probe"])  # the object probe ran too
     # the rebuilt initial weights match the run's: 2 warmup iterations move convolutions by far less
@@ -103,6 +104,14 @@ def test_report_only_runs_nothing_and_lists_every_run(study, tmp_path):
         ("scratch", 0, "not run"), ("byol", 0, "not run (no init)"), ("scratch", 1, "not run"),
         ("byol", 1, "not run (no init)")]
     assert res["summary"]["scratch"] == {"seeds_ok": 0, "seeds_total": 2}
+    assert "| scratch | 1 | 0.02 | not run |" in (out / "results.md").read_text()
+    # a call on another split / with --init-parts keeps the main table and writes its own, rows labelled
+    res = study.main(["--out", str(out), "--preset", "tiny", "--methods", "scratch", "byol", "--seeds", "0",
+                      "--eval-split", "select", "--init-parts", "backbone", "--report-only"])
+    assert [(r["method"], r.get("init_parts")) for r in res["finetune"]] == [("scratch", None), ("byol", None)]
+    table = (out / "results_select_parts-backbone.md").read_text()
+    assert "| scratch | 0 | 0.02 | not run |" in table and "| byol (backbone only) | 0 | - | not run (no init) |" in table
+    assert "on the `select` split" in table and "pretrained inits load only backbone" in table
     assert "| scratch | 1 | 0.02 | not run |" in (out / "results.md").read_text()
 
 
