@@ -450,10 +450,14 @@ def finetune_cmd(a, init: str, data: Path, split: str, seed: int, out: Path, lr:
               *(["--init-parts", *a.init_parts] if a.init_parts and init != "scratch" else []))
 
 
+def _parts_suffix(a) -> str:
+    """``_parts-backbone-fpn`` for ``--init-parts backbone fpn``; empty without the flag."""
+    return f"_parts-{'-'.join(a.init_parts)}" if a.init_parts else ""
+
+
 def finetune_tag(a, method: str, lr: float, seed: int) -> str:
     """Name of one fine-tuning run: ``<method>_lr<lr>[_parts-<parts>]_seed<seed>``."""
-    parts = f"_parts-{'-'.join(a.init_parts)}" if a.init_parts and method != "scratch" else ""
-    return f"{method}_lr{lr:g}{parts}_seed{seed}"
+    return f"{method}_lr{lr:g}{_parts_suffix(a) if method != 'scratch' else ''}_seed{seed}"
 
 
 def run_study(a) -> dict:
@@ -613,8 +617,7 @@ def run_study(a) -> dict:
 
 def results_name(a) -> str:
     """``results`` for the main table (``test`` split, whole init files), else a name of its own."""
-    return ("results" + (f"_{a.eval_split}" if a.eval_split != "test" else "")
-            + (f"_parts-{'-'.join(a.init_parts)}" if a.init_parts else ""))
+    return "results" + (f"_{a.eval_split}" if a.eval_split != "test" else "") + _parts_suffix(a)
 
 
 def pretrain_losses(pre: Path) -> list[dict]:
@@ -779,7 +782,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pretrain-base-lr", type=float, default=None,
                    help="pretraining LR per 256 images (peak LR = this x batch / 256); see docs/study_small.md "
                         "for why the small-batch presets raise it")
-    g.add_argument("--init-parts", nargs="+", default=None, choices=("backbone", "fpn", "box_head"),
+    from transfer.config import INIT_PARTS  # res5 is a C4 part; the study fine-tunes FPN detectors
+
+    g.add_argument("--init-parts", nargs="+", default=None, choices=[p for p in INIT_PARTS if p != "res5"],
                    help="parts of the pretrained init files that fine-tuning loads (transfer/finetune.py "
                         "--init-parts; default: all they hold). A SoCo_FPN file holds the backbone, the FPN and "
                         "the box head trained by the pretext task, a BYOL file the backbone only; loading the "
